@@ -1,0 +1,209 @@
+"""Tiny diffusers model folders of the real classes, built from configs with no hub (tests, demo, benchmarks)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Chat template in the shape of Qwen3's: thinking can be switched off, as Flux2KleinPipeline does.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
+    "{%- endif %}"
+)
+
+DEFAULT_CORPUS = [
+    "a red circle on a blue background",
+    "a photo of a cat holding a sign that says hello world",
+    "portrait of a nurse in a hospital corridor, soft light",
+    "a product shot of a silver watch on black velvet",
+    "a watercolor painting of a harbour at dawn",
+    "the word OPEN written in neon letters above a door",
+    "an isometric illustration of a bank vault",
+    "green triangle at the top of a white background",
+]
+
+
+def _bpe_vocab_merges(corpus: list[str], vocab_size: int, suffix: str | None) -> tuple[dict, list]:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    extra = {"end_of_word_suffix": suffix} if suffix else {}
+    tok = Tokenizer(models.BPE(**extra))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, **extra
+    )
+    tok.train_from_iterator(corpus, trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = dict(model["vocab"])
+    if suffix:  # CLIP's pre-tokenizer can end any single symbol with the suffix
+        for ch in pre_tokenizers.ByteLevel.alphabet():
+            vocab.setdefault(ch + suffix, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return vocab, merges
+
+
+def qwen_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 400):
+    """A Qwen2 byte-level BPE tokenizer trained in-process, with a chat template."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab, merges = _bpe_vocab_merges(corpus, vocab_size, None)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    for s in specials:
+        vocab.setdefault(s, len(vocab))
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def clip_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 600):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _bpe_vocab_merges(corpus, vocab_size, "</w>")
+    for s in ["<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(s, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 200):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+@dataclass(frozen=True)
+class KleinSize:
+    """Shape knobs of a FLUX.2 Klein-architecture model. Defaults: tiny, for tests."""
+
+    heads: int = 2
+    head_dim: int = 32  # rope axes are head_dim // 4 each
+    double_layers: int = 1
+    single_layers: int = 1
+    text_hidden: int = 32
+    text_layers: int = 28  # >= 28 so the pipeline's default layers (9, 18, 27) exist
+    text_heads: int = 2
+    vae_channels: tuple[int, ...] = (32, 32)
+    vae_layers_per_block: int = 1
+    is_distilled: bool = True
+
+
+def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPUS, seed: int = 0):
+    """A Flux2KleinPipeline of the real classes with random weights."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer(corpus)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=size.text_hidden,
+            intermediate_size=size.text_hidden * 2,
+            num_hidden_layers=size.text_layers,
+            num_attention_heads=size.text_heads,
+            num_key_value_heads=size.text_heads,
+            head_dim=size.text_hidden // size.text_heads,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    ).eval()
+    axis = size.head_dim // 4
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=size.double_layers,
+        num_single_layers=size.single_layers,
+        attention_head_dim=size.head_dim,
+        num_attention_heads=size.heads,
+        joint_attention_dim=3 * size.text_hidden,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(axis, axis, axis, axis),
+        guidance_embeds=False,
+    ).eval()
+    vae = AutoencoderKLFlux2(
+        block_out_channels=size.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(size.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(size.vae_channels),
+        layers_per_block=size.vae_layers_per_block,
+        latent_channels=32,
+        norm_num_groups=min(32, size.vae_channels[0]),
+    ).eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so de-normalisation is exercised
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=transformer, is_distilled=size.is_distilled,
+    )
+
+
+def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True):
+    """A StableDiffusion3Pipeline of the real classes (two CLIPs, T5, MMDiT, VAE) with random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tok1, tok2 = clip_tokenizer(corpus), clip_tokenizer(corpus)
+
+    def clip(hidden: int, proj: int):
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tok1), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
+                bos_token_id=tok1.bos_token_id, eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id,
+            )
+        ).eval()
+
+    text_encoder, text_encoder_2 = clip(32, 32), clip(32, 32)
+    tok3 = t5_tokenizer(corpus) if t5 else None
+    text_encoder_3 = (
+        T5EncoderModel(
+            T5Config(vocab_size=len(tok3), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        ).eval()
+        if t5
+        else None
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=16, layers_per_block=1, norm_num_groups=32, sample_size=32,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoder, tokenizer=tok1, text_encoder_2=text_encoder_2, tokenizer_2=tok2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tok3,
+    )
+
+
+def save(pipe, folder: Path) -> Path:
+    """save_pretrained with safetensors only, as a real model folder is."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
