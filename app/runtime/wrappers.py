@@ -1,0 +1,156 @@
+"""Thin nn.Module wrappers that give each diffusers/transformers module the bundle's tensor interface.
+
+The same wrappers are traced by the ONNX exporter and run by the PyTorch reference backend, so both see
+exactly the same computation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Fp32RopePosEmbed(nn.Module):
+    """Flux2PosEmbed computed in float32: diffusers uses float64 on CPU, which ONNX Runtime's Cos lacks and
+    which TensorRT would run slowly. Positions are small integers, so float32 loses nothing measurable."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.theta, self.axes_dim = inner.theta, inner.axes_dim
+
+    def forward(self, ids: torch.Tensor):
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        pos = ids.float()
+        cos_out, sin_out = [], []
+        for i, dim in enumerate(self.axes_dim):
+            cos, sin = get_1d_rotary_pos_embed(
+                dim, pos[..., i], theta=self.theta, repeat_interleave_real=True, use_real=True,
+                freqs_dtype=torch.float32,
+            )
+            cos_out.append(cos)
+            sin_out.append(sin)
+        return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+
+
+class KleinTextEncoder(nn.Module):
+    """Qwen3 hidden states of the chosen layers, stacked as Flux2KleinPipeline._get_qwen3_prompt_embeds does."""
+
+    def __init__(self, text_encoder: nn.Module, layers: tuple[int, ...] = (9, 18, 27)):
+        super().__init__()
+        self.text_encoder, self.layers = text_encoder, tuple(layers)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
+        x = torch.stack([out.hidden_states[k] for k in self.layers], dim=1)
+        b, c, s, d = x.shape
+        return x.permute(0, 2, 1, 3).reshape(b, s, c * d)
+
+
+class KleinTransformer(nn.Module):
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        if not isinstance(transformer.pos_embed, Fp32RopePosEmbed):
+            transformer.pos_embed = Fp32RopePosEmbed(transformer.pos_embed)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids):
+        return self.transformer(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+            img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False,
+        )[0]
+
+
+class KleinVaeDecoder(nn.Module):
+    """Packed 128-channel latents -> image in [-1, 1]: batch-norm de-normalisation, 2x2 unpatchify, decode."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
+        x = latents * std + mean
+        b, c, h, w = x.shape
+        x = x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+        return self.vae.decode(x, return_dict=False)[0]
+
+
+class ClipTextEncoder(nn.Module):
+    """CLIPTextModelWithProjection -> (pooled projection, penultimate hidden state), as SD3 uses them."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        return out[0], out.hidden_states[-2]
+
+
+class T5TextEncoder(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids)[0]
+
+
+def _tensor_crop(self, height, width):
+    """PatchEmbed.cropped_pos_embed with the centre offsets computed as tensors.
+
+    The dynamo exporter turns the original's symbolic `(max - w) // 2 + w` into a truncating ONNX Div on a
+    negative numerator, which is off by one for odd patch counts (seen: 48 px wide -> wrong crop). Index
+    arithmetic on tensors is exported literally, and gives the same values."""
+    m, p = self.pos_embed_max_size, self.patch_size
+    h, w = height // p, width // p
+    grid = self.pos_embed.reshape(1, m, m, -1)
+    top = torch.div(m - torch.full((), h, dtype=torch.int64), 2, rounding_mode="floor")
+    left = torch.div(m - torch.full((), w, dtype=torch.int64), 2, rounding_mode="floor")
+    grid = grid.index_select(1, torch.arange(h) + top).index_select(2, torch.arange(w) + left)
+    return grid.reshape(1, -1, grid.shape[-1])
+
+
+class SD3Transformer(nn.Module):
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        pe = transformer.pos_embed
+        if getattr(pe, "pos_embed_max_size", None) is not None:
+            pe.cropped_pos_embed = _tensor_crop.__get__(pe)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections, timestep=timestep, return_dict=False,
+        )[0]
+
+
+class SD3VaeDecoder(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        cfg = self.vae.config
+        return self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+
+
+WRAPPERS = {
+    "klein_text_encoder": KleinTextEncoder,
+    "klein_transformer": KleinTransformer,
+    "klein_vae_decoder": KleinVaeDecoder,
+    "clip_text_encoder": ClipTextEncoder,
+    "t5_text_encoder": T5TextEncoder,
+    "sd3_transformer": SD3Transformer,
+    "sd3_vae_decoder": SD3VaeDecoder,
+}
+
+
+def wrap(spec, module: nn.Module) -> nn.Module:
+    return WRAPPERS[spec.wrapper](module).eval()
