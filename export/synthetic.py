@@ -98,6 +98,7 @@ class KleinSize:
     vae_channels: tuple[int, ...] = (32, 32)
     vae_layers_per_block: int = 1
     is_distilled: bool = True
+    vae_mid_attention: bool = True  # the demo model turns it off so the VAE can train on crops
 
 
 def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPUS, seed: int = 0):
@@ -141,6 +142,7 @@ def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPU
         layers_per_block=size.vae_layers_per_block,
         latent_channels=32,
         norm_num_groups=min(32, size.vae_channels[0]),
+        mid_block_add_attention=size.vae_mid_attention,
     ).eval()
     with torch.no_grad():  # non-trivial batch-norm statistics, so de-normalisation is exercised
         vae.bn.running_mean.uniform_(-0.5, 0.5)

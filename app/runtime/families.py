@@ -48,12 +48,14 @@ class FamilySpec:
     pipeline_classes: tuple[str, ...]  # model_index.json _class_name values that map here
     components: tuple[ComponentSpec, ...]
     tokenizers: tuple[str, ...]  # subfolders copied into the bundle as-is
-    pixel_multiple: int  # width/height granularity in pixels
+    patch: int  # latent cells per token side (Klein 2x2 patchify, SD3 patch_size 2)
+    trace_grids: tuple[tuple[int, int], ...]  # (rows, cols) of the component-facing latent grid for export
     size_range: tuple[int, int]  # default min/max pixels per side for export profiles
     uses_negative_prompt: bool
     # (model_index, model folder) -> generation defaults; distilled vs base differ for Klein
     defaults: Callable[[dict, Path], Defaults] = field(repr=False, default=None)
-    # (pipe, component, batch, height, width, text_len) -> example inputs for export and validation
+    # (owner, component, batch, rows, cols, text_len) -> example inputs for export and validation; rows/cols
+    # are the grid the transformer and decoder see (Klein: packed tokens; SD3: latent pixels)
     sample_inputs: Callable[..., dict[str, torch.Tensor]] = field(repr=False, default=None)
 
     def component(self, name: str) -> ComponentSpec:
@@ -74,9 +76,8 @@ def _klein_defaults(index: dict, folder: Path) -> Defaults:
     return Defaults(steps=50, guidance=4.0, width=1024, height=1024)
 
 
-def _klein_samples(pipe, component: str, batch: int, height: int, width: int, text_len: int):
-    g = torch.Generator("cpu").manual_seed(batch * 1000 + height + width)
-    h, w = height // 16, width // 16
+def _klein_samples(pipe, component: str, batch: int, h: int, w: int, text_len: int):
+    g = torch.Generator("cpu").manual_seed(batch * 1000 + h * 31 + w)
     if component == "text_encoder":
         vocab = pipe.text_encoder.config.vocab_size
         ids = torch.randint(0, vocab, (batch, text_len), generator=g)
@@ -103,9 +104,8 @@ def _sd3_defaults(index: dict, folder: Path) -> Defaults:
     return Defaults(steps=28, guidance=7.0, width=1024, height=1024)
 
 
-def _sd3_samples(pipe, component: str, batch: int, height: int, width: int, text_len: int):
-    g = torch.Generator("cpu").manual_seed(batch * 1000 + height + width)
-    h, w = height // 8, width // 8
+def _sd3_samples(pipe, component: str, batch: int, h: int, w: int, text_len: int):
+    g = torch.Generator("cpu").manual_seed(batch * 1000 + h * 31 + w)
     if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, component)
         n = min(text_len, getattr(module.config, "max_position_embeddings", text_len))
@@ -153,7 +153,8 @@ FLUX2_KLEIN = FamilySpec(
         ),
     ),
     tokenizers=("tokenizer",),
-    pixel_multiple=16,
+    patch=2,
+    trace_grids=((4, 6), (5, 3)),
     size_range=(256, 2048),
     uses_negative_prompt=False,
     defaults=_klein_defaults,
@@ -198,7 +199,8 @@ SD3 = FamilySpec(
         ),
     ),
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
-    pixel_multiple=16,  # 8x VAE and 2x2 patches
+    patch=2,
+    trace_grids=((8, 12), (10, 6)),  # 5x3 patches: odd counts catch wrong dynamic-shape arithmetic
     size_range=(256, 1536),
     uses_negative_prompt=True,
     defaults=_sd3_defaults,

@@ -1,0 +1,183 @@
+"""The `edgegen` command: one entry point, errors caught once and shown as a sentence with the fix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from app import __version__
+from app.errors import EdgegenError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line and exit code 2, without the usage dump."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _size(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number of pixels") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} must be a positive number of pixels")
+    return v
+
+
+def _lora(value: str) -> tuple[Path, float]:
+    path, _, scale = value.partition(":") if not Path(value).exists() else (value, "", "")
+    try:
+        return Path(path), float(scale) if scale else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"LoRA scale in '{value}' is not a number; use FILE[:SCALE]") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edgegen", description="Offline image generation with TensorRT engines.")
+    p.add_argument("--version", action="version", version=f"edgegen {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    e = sub.add_parser("export", help="model folder -> engine bundle")
+    e.add_argument("--model", type=Path, required=True, help="local diffusers model folder (model_index.json)")
+    e.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    e.add_argument("--family", default="auto", help="auto, flux2-klein or sd3.5")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"])
+    e.add_argument("--target", default="onnx", choices=["onnx", "tensorrt-rtx", "tensorrt"])
+    e.add_argument("--sm", default="", help="compute capabilities for engines, e.g. 89,120")
+    e.add_argument("--min-size", type=_size)
+    e.add_argument("--max-size", type=_size)
+    e.add_argument("--calibration-prompts", type=Path, help="FP8 calibration prompts, one per line")
+    e.add_argument("--calibration-size", type=_size, help="FP8 calibration resolution in pixels")
+    e.add_argument("--calibration-count", type=int, default=8, help="FP8 calibration prompts to sample")
+    e.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle once the new one is complete")
+
+    g = sub.add_parser("generate", help="prompt -> PNG")
+    g.add_argument("--bundle", type=Path, required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--width", type=_size)
+    g.add_argument("--height", type=_size)
+    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    g.add_argument("--model", type=Path, help="source model folder for --backend torch (default: as recorded)")
+    g.add_argument("--count", type=int, default=1)
+
+    pl = sub.add_parser("plan", help="what to build for a GPU")
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path)
+    src.add_argument("--bundle", type=Path)
+    pl.add_argument("--gpu", default="auto", help='auto, a name such as "RTX 4090", or smXY:GiB')
+    pl.add_argument("--width", type=_size)
+    pl.add_argument("--height", type=_size)
+    pl.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("doctor", help="what works on this machine")
+    d.add_argument("--bundle", type=Path, action="append", default=[])
+    d.add_argument("--json", action="store_true")
+
+    sub.add_parser("selftest", help="run the demo model through every backend here")
+
+    a = sub.add_parser("app", help="the desktop app")
+    a.add_argument("--bundle", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app import offline
+    from app.progress import say
+
+    offline.enforce_offline()
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except EdgegenError as e:
+        say(f"edgegen: error: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        say("edgegen: interrupted")
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main(sys.argv[1:]))
+
+
+def cmd_export(args) -> int:
+    from app.progress import say
+    from export.exporter import ExportOptions, export_bundle
+
+    sms = tuple(s.strip() for s in args.sm.split(",") if s.strip())
+    opts = ExportOptions(
+        model=args.model, out=args.out, family=args.family, precision=args.precision, target=args.target, sms=sms,
+        min_size=args.min_size, max_size=args.max_size, calibration_prompts=args.calibration_prompts,
+        calibration_size=args.calibration_size, calibration_count=args.calibration_count,
+        loras=tuple(args.lora), overwrite=args.overwrite,
+    )
+    out = export_bundle(opts, progress=say)
+    print(out)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from app.progress import say, step_bar
+    from app.runtime.generate import generate_files
+
+    if args.count < 1:
+        raise UsageError(f"--count {args.count} must be at least 1")
+    paths = generate_files(
+        bundle_dir=args.bundle, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+        steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, backend=args.backend,
+        model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar,
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from app.progress import console
+    from app.runtime.plan import make_plan, parse_gpu_option, render_plan
+    from app.runtime.planinfo import components_for
+
+    comps, family, defaults = components_for(model=args.model, bundle=args.bundle)
+    gpu = parse_gpu_option(args.gpu)
+    plan = make_plan(gpu, comps, args.width or defaults["width"], args.height or defaults["height"], batch=1,
+                     cfg=family.uses_negative_prompt)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        console.print(render_plan(plan))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from app.runtime.doctor import doctor
+
+    return doctor(args.bundle, as_json=args.json)
+
+
+def cmd_selftest(args) -> int:
+    from app.runtime.selftest import selftest
+
+    return selftest()
+
+
+def cmd_app(args) -> int:
+    from app.ui.main import run_app
+
+    return run_app(args.bundle)
+
+
+COMMANDS = {"export": cmd_export, "generate": cmd_generate, "plan": cmd_plan, "doctor": cmd_doctor,
+            "selftest": cmd_selftest, "app": cmd_app}
+
+if __name__ == "__main__":
+    entrypoint()

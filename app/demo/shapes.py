@@ -1,0 +1,97 @@
+"""Synthetic training data for the demo model: one coloured shape on a plain background, with a caption."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 128
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (245, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+COLORS = list(PALETTE)
+SHAPES = ["circle", "square", "triangle"]
+POSITIONS = ["center", "left", "right", "top", "bottom"]
+# Centre of the shape for each position, in pixels of a 128x128 image.
+ANCHORS: dict[str, tuple[int, int]] = {
+    "center": (64, 64), "left": (32, 64), "right": (96, 64), "top": (64, 32), "bottom": (64, 96),
+}
+HALF = 22  # half the side of the shape's bounding box, before jitter
+
+# Position phrases per template family; every phrasing names the colours and shape with the same words.
+_POS_ON = {"center": "in the center", "left": "on the left", "right": "on the right",
+           "top": "at the top", "bottom": "at the bottom"}
+_POS_AT = {"center": "in the middle", "left": "at the left", "right": "at the right",
+           "top": "at the top", "bottom": "at the bottom"}
+TEMPLATES = [
+    "a {c} {s} on a {b} background, {on}",
+    "{b} background with a small {c} {s} {at}",
+    "a {c} {s} {on} of a {b} background",
+    "{c} {s}, {b} background, {p}",
+    "a {c} {s} on a {b} background",  # no position: the model may place it anywhere
+    "{b} background with a {c} {s}",
+]
+POSITIONLESS = {4, 5}
+
+
+def caption(attrs: dict, template: int) -> str:
+    """The caption for attributes {shape_color, background, shape, position} in one of TEMPLATES."""
+    p = attrs["position"]
+    return TEMPLATES[template].format(
+        c=attrs["shape_color"], s=attrs["shape"], b=attrs["background"], on=_POS_ON[p], at=_POS_AT[p], p=p
+    )
+
+
+def draw(attrs: dict, rng: np.random.Generator | None = None) -> Image.Image:
+    """Render the attributes; rng adds a little size and position jitter (None: the canonical image)."""
+    jx, jy, jh = (0, 0, 0) if rng is None else (int(v) for v in rng.integers(-3, 4, size=3))
+    cx, cy = ANCHORS[attrs["position"]]
+    cx, cy, h = cx + jx, cy + jy, HALF + jh
+    img = Image.new("RGB", (SIZE, SIZE), PALETTE[attrs["background"]])
+    d = ImageDraw.Draw(img)
+    fill = PALETTE[attrs["shape_color"]]
+    box = (cx - h, cy - h, cx + h, cy + h)
+    if attrs["shape"] == "circle":
+        d.ellipse(box, fill=fill)
+    elif attrs["shape"] == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
+    return img
+
+
+def attributes(rng: np.random.Generator) -> dict:
+    """A random attribute set; shape and background colours always differ."""
+    c, b = rng.choice(len(COLORS), size=2, replace=False)
+    return {
+        "shape_color": COLORS[c], "background": COLORS[b],
+        "shape": SHAPES[int(rng.integers(len(SHAPES)))], "position": POSITIONS[int(rng.integers(len(POSITIONS)))],
+    }
+
+
+def sample(seed: int, positionless: bool = True) -> tuple[Image.Image, str, dict]:
+    """(image, caption, attributes) for a seed, deterministically. Positionless captions only if allowed."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    attrs = attributes(rng)
+    # About one caption in seven leaves the position out (when allowed).
+    weights = np.array([0.0 if (t in POSITIONLESS and not positionless) else (1.0 if t in POSITIONLESS else 3.0)
+                        for t in range(len(TEMPLATES))])
+    template = int(rng.choice(len(TEMPLATES), p=weights / weights.sum()))
+    attrs = dict(attrs, template=template, positioned=template not in POSITIONLESS)
+    return draw(attrs, rng), caption(attrs, template), attrs
+
+
+def variant(attrs: dict, seed: int, k: int) -> Image.Image:
+    """The k-th redrawing of a caption's attributes: new jitter, and a new position if the caption names none."""
+    rng = np.random.default_rng([seed, k, 0xD1CE])
+    if not attrs.get("positioned", True):
+        attrs = dict(attrs, position=POSITIONS[int(rng.integers(len(POSITIONS)))])
+    return draw(attrs, rng)

@@ -1,0 +1,69 @@
+"""Headless generation to PNG files: load a verified bundle once, draw N seeds, write metadata atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from app import __version__
+from app.runtime.backends import make_backend
+from app.runtime.images import save_png
+from app.runtime.manifest import load_bundle
+from app.runtime.pipelines import GenerationRequest, make_pipeline
+
+
+def output_paths(out: Path, seed: int, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{seed + i}{out.suffix or '.png'}") for i in range(count)]
+
+
+def image_metadata(bundle, backend, result) -> dict:
+    r = result.request
+    return {
+        "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed, "steps": r.steps,
+        "guidance": r.guidance, "width": r.width, "height": r.height, "model": bundle.manifest["source"]["name"],
+        "family": bundle.manifest["family"], "bundle_sha256": bundle.manifest_sha256, "backend": backend.name,
+        "precision": bundle.precision, "edgegen": __version__,
+    }
+
+
+def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt: str = "", seed: int = 0,
+                   steps=None, guidance=None, width=None, height=None, backend: str = "auto", model=None,
+                   count: int = 1, say: Callable[[str], None] = print, step_bar=None) -> list[Path]:
+    from app.errors import UsageError
+
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out} must end in .png")
+    if not out.parent.exists():
+        raise UsageError(f"the folder {out.parent} for --out does not exist; create it first")
+    bundle = load_bundle(bundle_dir)
+    be, reason = make_backend(bundle, backend, model)
+    say(f"backend: {be.describe()} ({reason})")
+    pipe = make_pipeline(bundle, be)
+    written = []
+    for path, s in zip(output_paths(out, seed, count), range(seed, seed + count)):
+        req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps,
+                                guidance=guidance, width=width, height=height)
+        if step_bar is None:
+            result = pipe.generate(req)
+        else:
+            with step_bar(f"seed {s}") as on_step:
+                result = pipe.generate(req, on_step=on_step)
+        for w in result.warnings:
+            say(f"warning: {w}")
+        written.append(save_png(path, result.image, image_metadata(bundle, be, result)))
+        _audit(bundle, be, result, path)
+    return written
+
+
+def _audit(bundle, backend, result, path: Path) -> None:
+    from app.runtime.audit import AuditLog
+
+    r = result.request
+    AuditLog().record(
+        model=bundle.manifest["source"]["name"], family=bundle.manifest["family"],
+        bundle_sha=bundle.manifest_sha256, seed=r.seed, steps=r.steps, guidance=r.guidance, width=r.width,
+        height=r.height, backend=backend.name, precision=bundle.precision, output=str(Path(path).absolute()),
+        prompt=r.prompt, negative_prompt=r.negative_prompt,
+    )

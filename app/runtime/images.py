@@ -1,0 +1,40 @@
+"""PNG output with A1111-style `parameters` and a JSON `edgegen` text chunk, written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from app.runtime.files import atomic_write_bytes
+
+
+def a1111_parameters(meta: dict) -> str:
+    lines = [meta["prompt"]]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    lines.append(
+        f"Steps: {meta['steps']}, Sampler: Euler (flow matching), CFG scale: {meta['guidance']}, "
+        f"Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, Model: {meta['model']}, "
+        f"Model hash: {meta['bundle_sha256'][:10]}, Backend: {meta['backend']}, Precision: {meta['precision']}, "
+        f"Version: edgegen {meta.get('edgegen', '')}"
+    )
+    return "\n".join(lines)
+
+
+def save_png(path: Path, image: np.ndarray, meta: dict) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", a1111_parameters(meta))
+    info.add_itxt("edgegen", json.dumps(meta, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def read_metadata(path: Path) -> dict:
+    with Image.open(path) as im:
+        return json.loads(im.text["edgegen"])
