@@ -163,7 +163,34 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "exporter": _versions(),
             "export_seconds": round(time.monotonic() - started, 2),
         }
+        if opts.target != "onnx":
+            manifest["engines"] = build_engines(opts, fam, manifest, w.tmp, progress)
         return w.commit(manifest)
+
+
+def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress: Progress) -> list[dict]:
+    """One engine per component and compute capability, from the ONNX just written, under engines/."""
+    from export.engines import build_engine
+    from export.profiles import profile_desc, profiles_for
+
+    sms = opts.sms or ((None,) if opts.target == "tensorrt" else ())
+    if not sms:
+        raise UsageError("--target tensorrt-rtx needs --sm, e.g. --sm 89,120 (see: edgegen plan)")
+    records = []
+    for name, entry in manifest["components"].items():
+        profiles = profiles_for(fam, name, entry, manifest["size_range"], manifest["defaults"], manifest["pipeline"])
+        for sm in sms:
+            tmp = root / "engines" / f"{name}.building"
+            tmp.parent.mkdir(exist_ok=True)
+            rec = build_engine(root / entry["onnx"], tmp, flavour=opts.target, sm=sm, profiles=profiles,
+                               refit=opts.target == "tensorrt" and opts.precision in ("fp16", "bf16"),
+                               progress=lambda m, n=name: progress(f"[{n}] {m}"),
+                               profile_desc=profile_desc(fam, name, manifest["size_range"]))
+            final = root / "engines" / f"{name}-{rec['key']}.engine"
+            tmp.rename(final)
+            rec.update(component=name, file=final.relative_to(root).as_posix())
+            records.append(rec)
+    return records
 
 
 def _check(spec, wrapped, onnx_path: Path, samples: list[dict]) -> dict:

@@ -43,6 +43,8 @@ def quantize_fp8(
         raise UsageError(f"high_precision must be fp16, bf16 or fp32, not {high_precision!r}.")
     if not onnx_in.is_file():
         raise UsageError(f"{onnx_in} does not exist; export the transformer to ONNX first.")
+    if onnx_out.resolve() == onnx_in.resolve():
+        raise UsageError("The FP8 model must be written next to the FP32 one, not over it.")
     patterns = _compile_patterns(exclude_patterns)
 
     say("fp8: loading the FP32 model")
@@ -50,23 +52,23 @@ def quantize_fp8(
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise UsageError(f"{onnx_in} is already quantized; FP8 quantization needs the FP32 export.")
     _check_calibration(model, calibration)
-
-    original = [n.name for n in model.graph.node]
-    excluded = [n.name for n in model.graph.node if _matches(n, patterns)]
-    weights = _constant_names(model)
-    linears = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    attention = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
-    targets = [n for n in linears + (attention if quantize_attention else []) if n not in set(excluded)]
-    rope = _rope_nodes(model)
-    if not targets:
-        raise UsageError("No linear layer is left to quantize after the exclusions; check exclude_patterns.")
+    say("fp8: folding constants")
+    _fold_constant_transposes(model)
+    _select(model, patterns, quantize_attention)  # fail on bad exclusions before the slow steps
+    model = _optimize(model)
+    _name_nodes(model)
+    nodes = list(model.graph.node)
+    linear, excluded, targets = _select(model, patterns, quantize_attention)
+    rope = set(_rope_nodes(model))
 
     # ModelOpt treats every node name it is given, and every name it derives itself (GEMV and MHA checks), as
     # a regex with re.match: an exporter name like "node_linear" then also excludes "node_linear_7". Opaque,
     # prefix-free names ("n7_") make each match exact; the original names are restored at the end.
-    alias = {name: f"n{i}_" for i, name in enumerate(original)}
-    for node in model.graph.node:
-        node.name = alias[node.name]
+    names = [n.name for n in nodes]
+    alias = [f"n{i}_" for i in range(len(nodes))]
+    for node, new in zip(nodes, alias):
+        node.name = new
+    rope = [a for a, name in zip(alias, names) if name in rope]
 
     onnx_out.parent.mkdir(parents=True, exist_ok=True)
     # ModelOpt rewrites its input file in place (shape inference) and drops intermediates next to it, so it
@@ -74,20 +76,19 @@ def quantize_fp8(
     with tempfile.TemporaryDirectory(dir=onnx_out.parent, prefix=".fp8-") as tmp:
         src, q = Path(tmp) / "fp32.onnx", Path(tmp) / "fp8.onnx"
         large = _save(model, src)
-        del model
+        del model, nodes
         say(f"fp8: calibrating {len(targets)} layers on {len(calibration)} samples (ModelOpt, max)")
-        _modelopt_quantize(src, q, calibration, [alias[n] for n in targets], [alias[n] for n in excluded], large)
+        _modelopt_quantize(src, q, calibration, [alias[i] for i in targets], [alias[i] for i in excluded], large)
 
         qmodel = onnx.load(str(q))
+        _weights_per_tensor(qmodel)
         if high_precision != "fp32":
             say(f"fp8: casting the rest to {high_precision}, RoPE kept in FP32")
             _save(qmodel, q)
-            qmodel = _to_low_precision(q, high_precision, [alias[n] for n in rope])
-        from modelopt.onnx.quantization.qdq_utils import qdq_to_dq
-
+            qmodel = _to_low_precision(q, high_precision, rope)
         say("fp8: storing weights as FP8")
-        qmodel = qdq_to_dq(qmodel)
-        back = {v: k for k, v in alias.items()}
+        _store_weights_fp8(qmodel)
+        back = dict(zip(alias, names))
         for node in qmodel.graph.node:
             node.name = back.get(node.name, node.name)
         _drop_unused_initializers(qmodel)
@@ -96,12 +97,14 @@ def quantize_fp8(
     report = _inspect(qmodel)
     from modelopt import __version__ as modelopt_version
 
-    quantized = set(report.pop("dq_consumers"))
+    fed = set(report.pop("dq_consumers"))
+    quantized = [i for i in targets if names[i] in fed]
     report.update(
-        quantized_nodes=[n for n in targets if n in quantized],
-        excluded_nodes=[n for n in linears + attention if n in set(excluded)],
-        skipped_nodes=[n for n in targets if n not in quantized],  # ModelOpt's own GEMV / small-GEMM rules
-        rope_fp32_nodes=len(rope),
+        quantized_nodes=[names[i] for i in quantized],
+        excluded_nodes=[names[i] for i in sorted(excluded)],
+        # Linear layers left high precision by rule: Gemm/Conv, or ModelOpt's GEMV / K,N < 16 checks.
+        unquantized_linear_nodes=[names[i] for i in linear if i not in excluded and i not in quantized],
+        fp32_position_nodes=len(rope),
         bytes_fp32=_file_bytes(onnx_in),
         bytes_fp8=_file_bytes(onnx_out),
         calibration_samples=len(calibration),
@@ -110,7 +113,8 @@ def quantize_fp8(
         high_precision=high_precision,
         modelopt_version=modelopt_version,
     )
-    say(f"fp8: {len(report['quantized_nodes'])} layers in FP8, {report['bytes_fp8'] / 2**20:.1f} MiB")
+    say(f"fp8: {len(quantized)} layers in FP8, {report['bytes_fp8'] / 2**20:.1f} MiB "
+        f"({report['bytes_fp8'] / max(report['bytes_fp32'], 1):.0%} of FP32)")
     return report
 
 
@@ -162,6 +166,31 @@ def _has_fp8(path: Path) -> bool:
     return any(i.data_type == FP8 for i in model.graph.initializer)
 
 
+def _select(model: onnx.ModelProto, patterns: list[re.Pattern], attention: bool):
+    """Indices of (linear layers, excluded linear/attention MatMuls, MatMuls to quantize)."""
+    nodes = model.graph.node
+    weights = _constant_names(model)
+    linear = [i for i, n in enumerate(nodes) if n.op_type in ("MatMul", "Gemm", "Conv") and n.input[1] in weights]
+    bmm = [i for i, n in enumerate(nodes) if n.op_type == "MatMul" and n.input[1] not in weights]
+    excluded = {i for i in linear + bmm if _matches(nodes[i], patterns)}
+    # Only MatMul weights: ORT's quantizer gives Gemm per-channel scales, and every Gemm/Conv in these
+    # transformers is an embedder or a modulation that stays high precision anyway.
+    targets = [i for i in linear if nodes[i].op_type == "MatMul" and i not in excluded]
+    targets += [i for i in bmm if i not in excluded] if attention else []
+    if not targets:
+        raise UsageError("No linear layer is left to quantize after the exclusions; check exclude_patterns.")
+    return linear, excluded, targets
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    # Everything below keys nodes by name; other exporters may leave names empty or repeated.
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
 def _compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
     if isinstance(patterns, str):
         raise UsageError("exclude_patterns must be a list of regexes, not one string.")
@@ -189,6 +218,57 @@ def _constant_names(model: onnx.ModelProto) -> set[str]:
     names = {i.name for i in model.graph.initializer}
     names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
     return names
+
+
+def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold and fuse as torch.onnx.export(optimize=True) would.
+
+    An unoptimised dynamo export keeps torch.split as SplitToSequence/SequenceAt, on which ModelOpt's shape
+    and type inference fail (ORT "Shape mismatch attempting to re-use buffer" in calibration; autocast's
+    "type case mismatch"). The optimiser turns them into Split and keeps node names and module metadata.
+    """
+    if not any(n.op_type.startswith("Sequence") or n.op_type.endswith("Sequence") for n in model.graph.node):
+        return model  # already optimised at export: skip the (slow to import) optimiser
+    import onnxscript
+
+    return onnxscript.optimizer.optimize(model)
+
+
+def _fold_constant_transposes(model: onnx.ModelProto) -> int:
+    """Replace Transpose(weight) by the transposed weight; returns how many were folded.
+
+    An unoptimised dynamo export writes each Linear as MatMul(x, Transpose(W)). ModelOpt only quantizes, and
+    qdq_to_dq only stores in FP8, a MatMul weight that is an initializer, so the Transpose must go first.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"
+                 and n.attribute and n.attribute[0].name == "value"}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    folded = []
+    for node in model.graph.node:
+        src = node.input[0] if node.op_type == "Transpose" else None
+        if src not in inits and src not in constants:
+            continue
+        tensor = inits[src] if src in inits else constants[src].attribute[0].t
+        array = numpy_helper.to_array(tensor)
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.ascontiguousarray(array.transpose(perm)), node.output[0]))
+        folded.append(node)
+        uses[src] -= 1
+    for node in folded:
+        model.graph.node.remove(node)
+    unused = [i for i in model.graph.initializer if i.name in inits and uses.get(i.name, 0) == 0]
+    for init in unused:
+        model.graph.initializer.remove(init)
+    for node in [constants[c] for c in constants if uses.get(c, 0) == 0]:
+        model.graph.node.remove(node)
+    return len(folded)
 
 
 def _check_calibration(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]]) -> None:
@@ -321,6 +401,75 @@ def _modelopt_quantize(src: Path, dst: Path, calibration, targets, excluded, lar
     )
     if not dst.is_file():
         raise RuntimeError("ModelOpt wrote no quantized model; see its log above.")
+
+
+def _weights_per_tensor(model: onnx.ModelProto) -> int:
+    """Turn ModelOpt's per-channel FP8 weight scales into one "max" scale per weight; returns how many.
+
+    ModelOpt 0.47 calls ORT's quantizer with per_channel=True, which scales MatMul weights per output
+    channel. The recipe here (and TensorRT's plain FP8 GEMM) is per-tensor: scale = amax(W) / 448, which is
+    the largest of the per-channel scales.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    changed = 0
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]:
+        scale = numpy_helper.to_array(inits[q.input[1]])
+        if scale.size == 1:
+            continue
+        zp_type = inits[q.input[2]].data_type
+        name = f"{q.input[0]}_per_tensor"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(scale.max(), dtype=scale.dtype), f"{name}_scale"),
+            onnx.helper.make_tensor(f"{name}_zero_point", zp_type, [], [0]),
+        ])
+        for node in [q, *consumers.get(q.output[0], [])]:
+            node.input[1], node.input[2] = f"{name}_scale", f"{name}_zero_point"
+            kept = [a for a in node.attribute if a.name != "axis"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+        changed += 1
+    _drop_unused_initializers(model)
+    return changed
+
+
+def _store_weights_fp8(model: onnx.ModelProto) -> int:
+    """QuantizeLinear(W) -> DQ becomes FP8 W -> DQ, so the file holds FP8 weights; returns how many.
+
+    ModelOpt's own qdq_to_dq only handles per-channel scales (it indexes scale.shape[0]), hence this.
+    Quantizing with the DQ's own (possibly FP16) scale makes the stored value what the DQ will decode.
+    """
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    done = []
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]:
+        weight = numpy_helper.to_array(inits[q.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
+        fp8 = np.clip(weight / scale, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
+        name = q.input[0] if len(consumers[q.input[0]]) == 1 else f"{q.input[0]}_fp8"
+        tensor = onnx.helper.make_tensor(name, FP8, fp8.shape, fp8.view(np.uint8).tobytes(), raw=True)
+        if name in inits:
+            inits[name].CopyFrom(tensor)
+        else:
+            model.graph.initializer.append(tensor)
+        for dq in consumers.get(q.output[0], []):
+            dq.input[0] = name
+        done.append(q)
+    for q in done:
+        model.graph.node.remove(q)
+    _drop_unused_initializers(model)
+    return len(done)
 
 
 def _to_low_precision(path: Path, dtype: str, keep_fp32: list[str]) -> onnx.ModelProto:

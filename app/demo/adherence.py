@@ -13,7 +13,6 @@ _POSITION_WORDS = {"center": "center", "centre": "center", "middle": "center",
                    "left": "left", "right": "right", "top": "top", "bottom": "bottom"}
 _PAL = np.array([shapes.PALETTE[c] for c in shapes.COLORS], dtype=np.float64)
 ATTRIBUTES = ("shape_color", "background", "shape", "position")
-HELD_OUT_SEED0 = 1_000_000  # generator seeds from here on are never used for training
 
 
 def parse(prompt: str) -> dict:
@@ -96,17 +95,3 @@ def score(items) -> dict:
     result["n"] = len(details)
     result["details"] = details
     return result
-
-
-def held_out(n: int = 48) -> list[tuple[str, int]]:
-    """(prompt, seed) pairs whose prompts come from generator seeds never used for training."""
-    return [(shapes.sample(HELD_OUT_SEED0 + i, positionless=False)[1], 1000 + i) for i in range(n)]
-
-
-def held_out_combos(n: int = 48) -> set[tuple[str, str, str, str]]:
-    """The (shape colour, background, shape, position) combinations of held_out(): training leaves them out."""
-    out = set()
-    for i in range(n):
-        a = shapes.sample(HELD_OUT_SEED0 + i, positionless=False)[2]
-        out.add((a["shape_color"], a["background"], a["shape"], a["position"]))
-    return out

@@ -31,7 +31,7 @@ def generate(model: Path, items: list[tuple[str, int]], steps: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.demo import adherence
+    from app.demo import adherence, split
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("assets/demo-model"))
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", type=Path, default=None, help="also write the images and a contact sheet here")
     ap.add_argument("--json", action="store_true", help="print the per-prompt details as JSON too")
     a = ap.parse_args(argv)
-    items = generate(a.model, adherence.held_out(a.n), a.steps, a.guidance)
+    items = generate(a.model, split.held_out(a.n), a.steps, a.guidance)
     result = adherence.score(items)
     for k in adherence.ATTRIBUTES:
         print(f"{k:12s} {result[k]:5.1f} %")

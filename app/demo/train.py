@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.demo import adherence, shapes
+from app.demo import shapes
+from app.demo.split import caption_pool
 from export.synthetic import KleinSize, build_klein, save
 
 SIZE = KleinSize(
@@ -84,22 +85,6 @@ def tokenizer_corpus() -> list[str]:
                         if c != b:
                             out.append(shapes.caption({"shape_color": c, "background": b, "shape": s, "position": p}, t))
     return sorted(set(out))
-
-
-def caption_pool(n: int) -> list[tuple[int, str, dict]]:
-    """n distinct training captions (seed, caption, attributes), none showing a held-out combination."""
-    held = adherence.held_out_combos()
-    held_triples = {h[:3] for h in held}
-    pool, seen, seed = [], set(), 0
-    while len(pool) < n:
-        _, cap, a = shapes.sample(seed)
-        key = (a["shape_color"], a["background"], a["shape"], a["position"])
-        if cap not in seen and (key not in held if a["positioned"] else key[:3] not in held_triples):
-            pool.append((seed, cap, a))
-            seen.add(cap)
-        seed += 1
-        assert seed < adherence.HELD_OUT_SEED0
-    return pool
 
 
 def _to_tensor(images) -> torch.Tensor:

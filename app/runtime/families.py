@@ -52,6 +52,10 @@ class FamilySpec:
     trace_grids: tuple[tuple[int, int], ...]  # (rows, cols) of the component-facing latent grid for export
     size_range: tuple[int, int]  # default min/max pixels per side for export profiles
     uses_negative_prompt: bool
+    # text_seq each component sees at run time (the pipelines pad to these lengths), for engine profiles
+    text_lengths: dict = field(default_factory=dict)
+    # components that see CFG's doubled batch ([negative, positive] in one call)
+    cfg_batched: tuple[str, ...] = ()
     # (model_index, model folder) -> generation defaults; distilled vs base differ for Klein
     defaults: Callable[[dict, Path], Defaults] = field(repr=False, default=None)
     # (owner, component, batch, rows, cols, text_len) -> example inputs for export and validation; rows/cols
@@ -157,6 +161,7 @@ FLUX2_KLEIN = FamilySpec(
     trace_grids=((4, 6), (5, 3)),
     size_range=(256, 2048),
     uses_negative_prompt=False,
+    text_lengths={"text_encoder": 512, "transformer": 512},
     defaults=_klein_defaults,
     sample_inputs=_klein_samples,
 )
@@ -203,6 +208,8 @@ SD3 = FamilySpec(
     trace_grids=((8, 12), (10, 6)),  # 5x3 patches: odd counts catch wrong dynamic-shape arithmetic
     size_range=(256, 1536),
     uses_negative_prompt=True,
+    text_lengths={"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256, "transformer": 77 + 256},
+    cfg_batched=("transformer",),
     defaults=_sd3_defaults,
     sample_inputs=_sd3_samples,
 )

@@ -1,0 +1,42 @@
+# edgegen: every target creates .venv if needed and installs what it needs, so a fresh clone just works.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU build of torch (pinned in pyproject), CPU ONNX Runtime, TensorRT-RTX (builds engines without a GPU),
+# ModelOpt for FP8, PySide6, test tools. GPU sites install from the offline bundle instead (installer/).
+EXTRAS := cpu,rtx,fp8,ui,trust,test
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DEMO_MODEL  := assets/demo-model
+DEMO_BUNDLE := engines/demo
+DEMO_PROMPT := a red circle on a blue background
+
+.PHONY: install test demo app bundle clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
+
+$(DEMO_BUNDLE)/manifest.json: $(STAMP) $(shell find $(DEMO_MODEL) -type f 2>/dev/null)
+	$(BIN)/edgegen export --model $(DEMO_MODEL) --out $(DEMO_BUNDLE) --overwrite
+
+demo: $(DEMO_BUNDLE)/manifest.json
+	@mkdir -p out
+	$(BIN)/edgegen generate --bundle $(DEMO_BUNDLE) --prompt "$(DEMO_PROMPT)" --seed 7 --out out/demo.png
+
+app: $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/edgegen app --bundle $(DEMO_BUNDLE)
+
+bundle: $(STAMP)
+	$(BIN)/python -m installer.build_bundle --out dist
+
+clean:
+	rm -rf $(VENV) out dist build

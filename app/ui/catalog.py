@@ -1,0 +1,105 @@
+"""Find engine bundles in a folder and say for each: family, precision, engine target, and whether it fits here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import EdgegenError
+from app.runtime.gpu import GpuReader, read_gpus
+from app.runtime.manifest import MANIFEST_NAME, Bundle, load_bundle
+from app.runtime.plan import GIB, GpuSpec, Plan, gpu_spec_from_info, make_plan
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One bundle as the model picker shows it. `error` is set (and the rest may be empty) if it won't load."""
+
+    path: Path
+    name: str
+    family: str = ""
+    precision: str = ""
+    target: str = ""
+    fit: str = ""
+    error: str = ""
+
+    def label(self) -> str:
+        """Short, for the picker itself."""
+        if self.error:
+            return f"{self.name} (cannot be used)"
+        return f"{self.name} ({self.family}, {self.precision})"
+
+    def details(self) -> str:
+        """Everything the picker says about the bundle, under it."""
+        if self.error:
+            return self.error
+        return f"{self.family} · {self.precision} · {self.target} · {self.fit}"
+
+
+def engine_target(manifest: dict) -> str:
+    """'ONNX' or e.g. 'TensorRT-RTX sm89/120': what the bundle carries besides its ONNX files."""
+    engines = manifest.get("engines") or []
+    if not engines:
+        return "ONNX"
+    names = {"tensorrt-rtx": "TensorRT-RTX", "tensorrt": "TensorRT"}
+    flavours: dict[str, set[str]] = {}
+    for rec in engines:
+        flavours.setdefault(names.get(rec.get("flavour", ""), rec.get("flavour", "?")), set()).add(str(rec.get("sm")))
+    return ", ".join(f"{f} sm{'/'.join(sorted(sms, key=lambda s: int(s) if s.isdigit() else 0))}"
+                     for f, sms in sorted(flavours.items()))
+
+
+def this_gpu(reader: GpuReader | None = None) -> GpuSpec | None:
+    gpus = read_gpus(reader)
+    return gpu_spec_from_info(gpus[0]) if gpus else None
+
+
+def plan_for(bundle: Bundle, gpu: GpuSpec | None, width: int, height: int, batch: int = 1) -> Plan:
+    from app.runtime.plan import ComponentInfo
+
+    comps = [ComponentInfo(name=n, kind=c["role"], param_count=c["parameters"]) for n, c in bundle.components().items()]
+    return make_plan(gpu, comps, width, height, batch=batch, cfg=bundle.family.uses_negative_prompt)
+
+
+def fit_text(plan: Plan) -> str:
+    if plan.gpu is None:
+        return "CPU only (no NVIDIA GPU)"
+    return {
+        "all-resident": f"fits {plan.gpu.name}",
+        "staged": f"fits {plan.gpu.name} in stages",
+        "staged+streaming": f"fits {plan.gpu.name} with weight streaming",
+    }.get(plan.strategy, f"won't fit {plan.gpu.name}")
+
+
+def fit_warning(plan: Plan) -> str:
+    """'' when the plan fits, else one sentence for the user."""
+    if plan.strategy != "does-not-fit":
+        return ""
+    return (f"The plan says {plan.width}x{plan.height} needs about {plan.peak_bytes / GIB:.1f} GiB but only "
+            f"{(plan.usable_bytes or 0) / GIB:.1f} GiB of VRAM is usable on {plan.gpu.name}; "
+            "pick a smaller size or close other GPU programs.")
+
+
+def describe(path: Path, gpu: GpuSpec | None) -> BundleEntry:
+    path = Path(path)
+    try:
+        bundle = load_bundle(path, verify=False)  # checksums are verified when the model is loaded to run
+        d = bundle.defaults
+        return BundleEntry(path=path, name=path.name,
+                           family=bundle.manifest["family"], precision=bundle.precision,
+                           target=engine_target(bundle.manifest), fit=fit_text(plan_for(bundle, gpu, d["width"],
+                                                                                          d["height"])))
+    except (EdgegenError, KeyError, TypeError, ValueError) as e:
+        return BundleEntry(path=path, name=path.name, error=str(e) or type(e).__name__)
+
+
+def find_bundles(folder: Path, gpu: GpuSpec | None, extra: list[Path] = ()) -> list[BundleEntry]:
+    """Every folder directly inside `folder` with a manifest, plus `extra` bundles given by path."""
+    found: list[Path] = []
+    folder = Path(folder)
+    if folder.is_dir():
+        found = sorted(p for p in folder.iterdir() if (p / MANIFEST_NAME).is_file())
+    for p in extra:
+        if p and Path(p).resolve() not in {f.resolve() for f in found}:
+            found.insert(0, Path(p))
+    return [describe(p, gpu) for p in found]

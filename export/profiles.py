@@ -1,0 +1,48 @@
+"""TensorRT optimisation profiles for a bundle component, from the size range, defaults and CFG batching."""
+
+from __future__ import annotations
+
+from app.runtime.families import FamilySpec
+
+
+def dim_ranges(family: FamilySpec, component: str, size_range: dict, defaults: dict, pipeline: dict) -> dict:
+    """(min, opt, max) for every dynamic dim name the component's inputs use."""
+    scale = pipeline["vae_scale_factor"]
+    lo, hi = size_range["min"], size_range["max"]
+    opt_w, opt_h = defaults["width"], defaults["height"]
+    batch_max = 2 if component in family.cfg_batched else 1
+    text = family.text_lengths.get(component, 77)
+    grid = {  # the grid the transformer / decoder see
+        "latent_height": (lo // scale, opt_h // scale, hi // scale),
+        "latent_width": (lo // scale, opt_w // scale, hi // scale),
+    }
+    cell = scale * family.patch
+    tokens = lambda a, b: (a // cell) * (b // cell)  # noqa: E731
+    if family.name == "flux2-klein":  # Klein's transformer/decoder work on packed tokens
+        grid = {k: (a // family.patch, b // family.patch, c // family.patch) for k, (a, b, c) in grid.items()}
+    return {
+        "batch": (1, batch_max, batch_max),
+        "text_seq": (text, text, text),
+        "img_seq": (tokens(lo, lo), tokens(opt_w, opt_h), tokens(hi, hi)),
+        **grid,
+    }
+
+
+def profiles_for(family: FamilySpec, component: str, entry: dict, size_range: dict, defaults: dict,
+                 pipeline: dict) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+    """One profile: every input's (min, opt, max) shape, with fixed dims as recorded in the manifest."""
+    ranges = dim_ranges(family, component, size_range, defaults, pipeline)
+    profile = {}
+    for inp in entry["inputs"]:
+        shapes = ([], [], [])
+        for d in inp["shape"]:
+            r = ranges[d] if isinstance(d, str) else (d, d, d)
+            for i in range(3):
+                shapes[i].append(int(r[i]))
+        profile[inp["name"]] = tuple(tuple(s) for s in shapes)
+    return [profile]
+
+
+def profile_desc(family: FamilySpec, component: str, size_range: dict) -> str:
+    b = 2 if component in family.cfg_batched else 1
+    return f"b{b}-{size_range['min']}to{size_range['max']}"

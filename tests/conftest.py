@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models of the real classes, saved as real folders, exported once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+# Exported bundles of the tiny models accept this pixel range (their VAEs have 2 blocks: 4 px per token).
+TINY_SIZE_ARGS = ["--min-size", "32", "--max-size", "256"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_dirs(tmp_path, monkeypatch):
+    """Audit log and caches go to the test's own folder, never the developer's home."""
+    monkeypatch.setenv("EDGEGEN_AUDIT_LOG", str(tmp_path / "audit" / "audit.jsonl"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def klein_model(tmp_path_factory) -> Path:
+    from export import synthetic
+
+    return synthetic.save(synthetic.build_klein(), tmp_path_factory.mktemp("models") / "tiny-klein")
+
+
+@pytest.fixture(scope="session")
+def sd3_model(tmp_path_factory) -> Path:
+    from export import synthetic
+
+    return synthetic.save(synthetic.build_sd3(), tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+def export_via_cli(model: Path, out: Path, *extra: str) -> Path:
+    from app.cli import main
+
+    rc = main(["export", "--model", str(model), "--out", str(out), *TINY_SIZE_ARGS, *extra])
+    assert rc == 0, f"export failed with {rc}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def klein_bundle(klein_model, tmp_path_factory) -> Path:
+    return export_via_cli(klein_model, tmp_path_factory.mktemp("bundles") / "klein-fp32")
+
+
+@pytest.fixture(scope="session")
+def sd3_bundle(sd3_model, tmp_path_factory) -> Path:
+    return export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp32")
