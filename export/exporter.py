@@ -113,6 +113,10 @@ def _io(spec, onnx_path: Path) -> dict:
 def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     folder = inspect_folder(opts.model, opts.family)
     fam = folder.family
+    if opts.precision == "fp8":
+        from export.calibrate import read_prompts
+
+        prompts = read_prompts(opts.calibration_prompts)  # fail on a bad file before hours of export
     if opts.precision not in ("fp32", "fp8"):
         raise UsageError(f"--precision {opts.precision} is not available yet; use fp32 (ONNX Runtime/TensorRT-RTX) "
                          "or fp8")
@@ -163,9 +167,51 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "exporter": _versions(),
             "export_seconds": round(time.monotonic() - started, 2),
         }
+        if opts.precision == "fp8":
+            quantize_transformer(opts, fam, manifest, w.tmp, prompts, progress)
         if opts.target != "onnx":
             manifest["engines"] = build_engines(opts, fam, manifest, w.tmp, progress)
         return w.commit(manifest)
+
+
+def quantize_transformer(opts: ExportOptions, fam, manifest: dict, root: Path, prompts: list[str],
+                         progress: Progress) -> None:
+    """Calibrate on the real sampler, quantize the transformer to FP8 with ModelOpt, measure what it cost."""
+    from app.runtime.manifest import Bundle
+    from export import calibrate
+    from export.fp8 import fidelity, quantize_fp8
+    from export.fp8_policy import fp8_exclude_patterns
+
+    fp32 = Bundle(root, manifest, "provisional")
+    size = opts.calibration_size
+    feeds = calibrate.capture(fp32, "transformer", prompts, opts.calibration_count, size, progress)
+    held_out = feeds[-max(1, len(feeds) // 8):]
+    src, dst = root / "transformer" / "model.onnx", root / "transformer_fp8" / "model.onnx"
+    dst.parent.mkdir()
+    report = quantize_fp8(src, dst, feeds, fp8_exclude_patterns(fam.name),
+                          progress=lambda m: progress(f"[transformer] {m}"))
+    cos = fidelity(src, dst, held_out)
+    progress("[fidelity] FP8 vs FP32 images on fixed prompts and seeds")
+    ref = calibrate.images(fp32, size)
+    fp8 = calibrate.images(calibrate.with_component(fp32, "transformer", "transformer_fp8/model.onnx"), size)
+    image_psnr = [calibrate.psnr(a, b) for a, b in zip(ref, fp8)]
+    shutil.rmtree(root / "transformer")
+    dst.parent.rename(root / "transformer")
+    entry = manifest["components"]["transformer"]
+    entry["precision"] = "fp8"
+    entry["runs_on"] = ["tensorrt-rtx (sm89+)", "tensorrt (sm89+)", "onnxruntime (reference speed only)"]
+    entry["fp8"] = {k: v for k, v in report.items() if k not in ("quantized_nodes", "excluded_nodes")}
+    entry["fp8"].update(quantized=len(report["quantized_nodes"]), excluded_nodes=report["excluded_nodes"],
+                        exclude_patterns=list(fp8_exclude_patterns(fam.name)),
+                        size_ratio_vs_fp32=round(report["bytes_fp8"] / report["bytes_fp32"], 3))
+    entry["fidelity_fp8"] = {"output_cosine_min": cos["cosine_min"], "output_cosine_mean": cos["cosine_mean"],
+                             "max_abs_err": cos["max_abs_error"], "held_out_samples": cos["samples"],
+                             "image_psnr_vs_fp32_db": [round(p, 2) for p in image_psnr],
+                             "image_cases": [list(c) for c in calibrate.FIDELITY_CASES]}
+    manifest["fidelity"] = {"image_psnr_vs_fp32_db": min(image_psnr), "transformer_cosine": cos["cosine_min"]}
+    progress(f"[fidelity] transformer output cosine {cos['cosine_min']:.5f} (held-out), image PSNR vs FP32 "
+             f"{min(image_psnr):.1f} dB, file {report['bytes_fp8'] / 2**20:.1f} MiB vs {report['bytes_fp32'] / 2**20:.1f}"
+             " MiB FP32")
 
 
 def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress: Progress) -> list[dict]:

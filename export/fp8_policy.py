@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from app.errors import UsageError
 
-# Upstream practice for FLUX-family and SD3.5 FP8 (NVIDIA TensorRT demo, ModelOpt, TensorRT-Model-Connect; see
-# FACTS.md "FP8 (ModelOpt)"): per-tensor E4M3 with "max" calibration over real prompts through the real sampler,
-# keeping in high precision the input embedders, the time/guidance/text embedders, the adaLN modulation linears,
-# norm_out and proj_out, with RoPE in FP32. These layers are small in bytes but set the scale of every block,
-# so FP8 error there reaches the whole image.
-#
-# Each pattern is a regex searched (re.search) in a node's name and in each torch module path recorded on it by
-# the dynamo exporter (e.g. "transformer.transformer_blocks.0.norm1.linear"). Anchor on path components so
-# "norm_out" never also hits a "norm_out2".
+
 def _module(path: str) -> str:
     return rf"(^|\.){path}$"
 
 
+# Upstream practice for FLUX-family and SD3.5 FP8 (NVIDIA TensorRT demo, ModelOpt, TensorRT-Model-Connect;
+# FACTS.md "FP8 (ModelOpt)"): per-tensor E4M3, "max" calibration over real prompts through the real sampler,
+# and in high precision: the input embedders, the time/guidance/text embedders, the adaLN modulation
+# linears, norm_out and proj_out, with RoPE in FP32. They hold few of the weights, and their outputs
+# (embeddings, modulation shifts/scales/gates) feed every block.
+#
+# Each pattern is a regex searched (re.search) in a node's name and in each torch module path the dynamo
+# exporter recorded on it (e.g. "transformer.transformer_blocks.0.norm1.linear"). Anchoring on path
+# components keeps "norm_out" from also hitting a "norm_out2".
 FP8_EXCLUDE: dict[str, tuple[str, ...]] = {
     "flux2-klein": (
         _module("x_embedder"),

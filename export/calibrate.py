@@ -1,0 +1,79 @@
+"""FP8 calibration from the real sampler: capture the transformer's inputs while the pipeline runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from app.errors import UsageError
+from app.runtime.backends import OrtBackend
+from app.runtime.manifest import Bundle
+from app.runtime.pipelines import GenerationRequest, make_pipeline
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "calibration_prompts.txt"
+# Fixed prompts and seeds for the FP8-vs-FP32 image PSNR recorded at export.
+FIDELITY_CASES = (("a red circle on a blue background", 1), ("portrait of an engineer in a workshop", 2))
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    path = Path(path or DEFAULT_PROMPTS)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read calibration prompts {path}: {e.__class__.__name__}; "
+                         "pass --calibration-prompts a UTF-8 text file with one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UsageError(f"{path} has no prompts; write one prompt per line")
+    return prompts
+
+
+class CapturingBackend:
+    """An OrtBackend that keeps a copy of every feed to one component (the calibration set)."""
+
+    def __init__(self, inner: OrtBackend, component: str):
+        self.inner, self.component, self.name = inner, component, inner.name
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def run(self, component, inputs):
+        if component == self.component:
+            self.inner.session(component)  # opens the session and learns the input dtypes
+            dtypes = self.inner._dtypes[component]
+            self.feeds.append({k: np.array(v.detach().cpu().numpy(), dtype=dtypes[k]) for k, v in inputs.items()})
+        return self.inner.run(component, inputs)
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
+def capture(bundle: Bundle, component: str, prompts: list[str], count: int, size: int | None,
+            progress: Callable[[str], None]) -> list[dict[str, np.ndarray]]:
+    backend = CapturingBackend(OrtBackend(bundle, "cpu"), component)
+    pipe = make_pipeline(bundle, backend)
+    chosen = prompts[:count]
+    for i, prompt in enumerate(chosen):
+        progress(f"[calibration] {i + 1}/{len(chosen)}: {prompt[:60]}")
+        pipe.generate(GenerationRequest(prompt=prompt, seed=1000 + i, width=size, height=size))
+    return backend.feeds
+
+
+def images(bundle: Bundle, size: int | None) -> list[np.ndarray]:
+    pipe = make_pipeline(bundle, OrtBackend(bundle, "cpu"))
+    return [pipe.generate(GenerationRequest(prompt=p, seed=s, width=size, height=size)).image
+            for p, s in FIDELITY_CASES]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def with_component(bundle: Bundle, component: str, onnx_rel: str) -> Bundle:
+    """The same provisional bundle with one component's ONNX swapped (FP32 -> FP8)."""
+    manifest = dict(bundle.manifest)
+    manifest["components"] = {**bundle.manifest["components"],
+                              component: {**bundle.manifest["components"][component], "onnx": onnx_rel}}
+    return replace(bundle, manifest=manifest)
