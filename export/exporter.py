@@ -20,6 +20,7 @@ from app.runtime.families import DYNAMIC_DIMS
 from app.runtime.modelfolder import ModelFolder, inspect_folder, load_component
 from app.runtime.wrappers import wrap
 from export.bundle_writer import BundleWriter
+from export.lora import fuse_loras
 from export.onnx_export import compare, export_component
 
 Precision = Literal["fp32", "bf16", "fp16", "fp8"]
@@ -122,6 +123,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
                          "or fp8")
     defaults, size_range = _defaults_and_range(folder, opts)
     components: dict[str, dict] = {}
+    lora_records: list[dict] = []
     started = time.monotonic()
     with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
         for spec in fam.components:
@@ -130,6 +132,9 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             t0 = time.monotonic()
             progress(f"[{spec.name}] loading {spec.source} from {folder.path.name}")
             module = load_component(folder, spec.source)
+            if spec.role == "transformer" and opts.loras:
+                progress(f"[{spec.name}] fusing {len(opts.loras)} LoRA(s)")
+                lora_records = fuse_loras(module, folder.index["_class_name"], opts.loras)
             wrapped = wrap(spec, module)
             owner = SimpleNamespace(**{spec.source: module})
             progress(f"[{spec.name}] exporting to ONNX (dynamo)")
@@ -159,6 +164,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "pipeline": {"is_distilled": bool(folder.index.get("is_distilled", False)),
                          "vae_scale_factor": vae_scale_factor(folder), "patch": fam.patch},
             "components": components,
+            "loras": lora_records,
             "tokenizers": [t for t in fam.tokenizers if folder.present(t)],
             "scheduler": "scheduler/scheduler_config.json",
             "defaults": defaults,

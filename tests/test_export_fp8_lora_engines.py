@@ -1,0 +1,132 @@
+"""One export through the CLI exercising the whole chain: LoRA fused, FP8 calibrated, TensorRT-RTX engines
+for SM89 and SM120 built on this GPU-less machine, then generation from the bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from app.cli import main
+from app.runtime.manifest import load_bundle
+from tests.conftest import export_via_cli
+from tests.test_spine import psnr
+
+
+@pytest.fixture(scope="session")
+def sd3_lora(sd3_model, tmp_path_factory):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(5)
+    tr = SD3Transformer2DModel.from_pretrained(sd3_model / "transformer")
+    tr.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                              init_lora_weights=False))
+    out = tmp_path_factory.mktemp("lora")
+    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(tr))
+    return next(out.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def sd3_fp8_bundle(sd3_model, sd3_lora, tmp_path_factory):
+    return export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp8", "--precision", "fp8",
+                          "--lora", f"{sd3_lora}:0.7", "--calibration-count", "2", "--calibration-size", "64",
+                          "--target", "tensorrt-rtx", "--sm", "89,120")
+
+
+def test_fp8_transformer_is_standard_qdq_with_fp8_weights(sd3_fp8_bundle):
+    b = load_bundle(sd3_fp8_bundle)
+    tr = b.components()["transformer"]
+    assert b.precision == "fp8" and tr["precision"] == "fp8"
+    model = onnx.load(str(b.onnx_path("transformer")))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 10 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}  # no custom ops
+    fp8_weights = [i for i in model.graph.initializer  # matrices, not the scalar zero points
+                   if i.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(i.dims) >= 2]
+    assert len(fp8_weights) == tr["fp8"]["quantized"] > 0
+    assert tr["fp8"]["size_ratio_vs_fp32"] < 0.6
+    # the sensitive layers stay high precision: no DequantizeLinear feeds them
+    assert tr["fp8"]["excluded_nodes"] and tr["fp8"]["exclude_patterns"]
+    produced_by_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    excluded = {n.name for n in model.graph.node if n.name in set(tr["fp8"]["excluded_nodes"])}
+    for n in model.graph.node:
+        if n.name in excluded:
+            assert not produced_by_dq & set(n.input), n.name
+    # VAE and text encoders are never FP8
+    for name in ("vae_decoder", "text_encoder", "text_encoder_3"):
+        assert b.components()[name]["precision"] == "fp32"
+
+
+def test_fidelity_recorded_and_close_to_fp32(sd3_fp8_bundle):
+    m = load_bundle(sd3_fp8_bundle).manifest
+    f = m["components"]["transformer"]["fidelity_fp8"]
+    assert f["output_cosine_min"] > 0.99 and f["held_out_samples"] >= 1
+    assert m["fidelity"]["image_psnr_vs_fp32_db"] >= 28
+
+
+def test_lora_is_fused_and_recorded(sd3_fp8_bundle, sd3_model, sd3_lora, sd3_bundle, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    rec = load_bundle(sd3_fp8_bundle).manifest["loras"]
+    assert rec and rec[0]["scale"] == 0.7 and len(rec[0]["sha256"]) == 64
+    args = ["--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "4", "--guidance", "3", "--seed", "2"]
+    assert main(["generate", "--bundle", str(sd3_fp8_bundle), "--out", str(tmp_path / "fp8.png"), *args]) == 0
+    assert main(["generate", "--bundle", str(sd3_bundle), "--out", str(tmp_path / "base.png"), *args]) == 0
+    ours = np.asarray(Image.open(tmp_path / "fp8.png"))
+    ref = StableDiffusion3Pipeline.from_pretrained(sd3_model)
+    ref.load_lora_weights(sd3_lora)
+    ref.fuse_lora(lora_scale=0.7)
+    img = ref(prompt="a cat", num_inference_steps=4, guidance_scale=3.0, width=64, height=64,
+              generator=torch.Generator("cpu").manual_seed(2), output_type="np").images[0]
+    fused = (img * 255).round().astype(np.uint8)
+    base = np.asarray(Image.open(tmp_path / "base.png"))
+    assert psnr(ours, fused) >= 28  # FP8 + LoRA close to diffusers' own fused FP32 image
+    assert psnr(ours, fused) > psnr(ours, base) + 3  # and the LoRA visibly took effect
+
+
+def test_rtx_engines_for_sm89_and_sm120(sd3_fp8_bundle):
+    b = load_bundle(sd3_fp8_bundle)
+    engines = b.manifest["engines"]
+    keys = {(e["component"], e["sm"]) for e in engines}
+    assert keys == {(c, sm) for c in b.components() for sm in ("89", "120")}
+    tr = [e for e in engines if e["component"] == "transformer"]
+    assert all(e["precision"] == "fp8" and "-fp8-" in e["key"] and e["flavour"] == "tensorrt-rtx" for e in tr)
+    for e in engines:
+        assert e["file"] in b.manifest["files"] and e["bytes"] > 100_000
+        assert e["file"].startswith("engines/") and e["key"] in e["file"]
+        assert e["host_code_allowed"] is False and e["plugins"] == []
+    prof = tr[0]["profiles"][0]["hidden_states"]
+    assert prof["min"][0] == 1 and prof["max"][0] == 2  # SD3's CFG doubles the transformer batch
+
+
+def test_auto_backend_explains_fallback(sd3_fp8_bundle, tmp_path, capsys):
+    assert main(["generate", "--bundle", str(sd3_fp8_bundle), "--prompt", "x", "--width", "32", "--height", "32",
+                 "--steps", "2", "--out", str(tmp_path / "a.png")]) == 0
+    err = capsys.readouterr().err
+    assert "ONNX Runtime CPU" in err and "no NVIDIA GPU" in err
+
+
+def test_lora_that_does_not_match_is_refused(sd3_model, sd3_lora, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(sd3_lora)
+    bad = tmp_path / "other.safetensors"
+    save_file({k.replace("transformer_blocks", "no_such_blocks"): v for k, v in state.items()}, bad)
+    rc = main(["export", "--model", str(sd3_model), "--out", str(tmp_path / "b"), "--lora", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--lora" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_unreadable_calibration_file_is_refused(sd3_model, tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    rc = main(["export", "--model", str(sd3_model), "--out", str(tmp_path / "b"), "--precision", "fp8",
+               "--calibration-prompts", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "calibration" in err
