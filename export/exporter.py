@@ -20,7 +20,7 @@ from app.runtime.families import DYNAMIC_DIMS
 from app.runtime.modelfolder import ModelFolder, inspect_folder, load_component
 from app.runtime.wrappers import wrap
 from export.bundle_writer import BundleWriter
-from export.lora import fuse_loras
+from export.lora import check_loras, fuse_loras
 from export.onnx_export import compare, export_component
 
 Precision = Literal["fp32", "bf16", "fp16", "fp8"]
@@ -122,6 +122,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
         raise UsageError(f"--precision {opts.precision} is not available yet; use fp32 (ONNX Runtime/TensorRT-RTX) "
                          "or fp8")
     defaults, size_range = _defaults_and_range(folder, opts)
+    if opts.loras:
+        check_loras(folder.path / fam.component("transformer").source, folder.index["_class_name"], opts.loras)
     components: dict[str, dict] = {}
     lora_records: list[dict] = []
     started = time.monotonic()

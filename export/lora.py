@@ -10,24 +10,44 @@ from app.errors import UsageError
 from app.runtime.files import sha256_file
 
 
+def _read(path: Path, pipeline_class: str) -> dict:
+    import diffusers
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UsageError(f"--lora {path} must be an existing .safetensors file (pickle LoRAs are refused)")
+    try:
+        state = getattr(diffusers, pipeline_class).lora_state_dict(str(path))
+    except Exception as e:  # diffusers raises many types for a malformed file
+        raise UsageError(f"--lora {path} is not a LoRA diffusers can read ({str(e).splitlines()[0][:120]})") from None
+    return state[0] if isinstance(state, tuple) else state
+
+
+def check_loras(transformer_dir: Path, pipeline_class: str, loras) -> None:
+    """Refuse a LoRA whose layers the transformer does not have, before any minutes of export are spent.
+
+    Reads only the safetensors headers of the transformer, not its weights."""
+    from app.runtime.planinfo import safetensors_names
+
+    weights = safetensors_names(transformer_dir)
+    for path, _scale in loras:
+        state = _read(Path(path), pipeline_class)
+        targets = {k.removeprefix("transformer.").split(".lora_")[0] for k in state if ".lora_" in k}
+        missing = sorted(t for t in targets if f"{t}.weight" not in weights)
+        if not targets or missing:
+            example = f" (e.g. {missing[0]})" if missing else ""
+            raise UsageError(f"--lora {path} targets layers this model's transformer does not have{example}; "
+                             "use a LoRA trained for this model")
+
+
 def fuse_loras(transformer: torch.nn.Module, pipeline_class: str, loras) -> list[dict]:
     """Load each LoRA with the pipeline's own LoRA loader, fuse it at its scale, drop the adapter layers.
 
     Fused weights are ordinary weights, so the ONNX, FP8 calibration and engines all see the brand style;
     the manifest records which file (sha256) at which scale."""
-    import diffusers
-
-    loader = getattr(diffusers, pipeline_class)
     records = []
     for i, (path, scale) in enumerate(loras):
         path = Path(path)
-        if path.suffix != ".safetensors" or not path.is_file():
-            raise UsageError(f"--lora {path} must be an existing .safetensors file (pickle LoRAs are refused)")
-        try:
-            state = loader.lora_state_dict(str(path))
-            state = state[0] if isinstance(state, tuple) else state
-        except Exception as e:  # diffusers raises many types for a malformed file
-            raise UsageError(f"--lora {path} is not a LoRA diffusers can read ({str(e).splitlines()[0][:120]})") from None
+        state = _read(path, pipeline_class)
         name = f"edgegen_lora_{i}"
         before = {n for n, _ in transformer.named_modules()}
         try:

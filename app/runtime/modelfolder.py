@@ -63,6 +63,11 @@ def load_component(folder: ModelFolder, source: str, dtype=None):
         cls = getattr(importlib.import_module(library), cls_name)
     except (ImportError, AttributeError):
         raise ModelFolderError(f"{source} needs {library}.{cls_name}, which is not installed") from None
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()  # our own progress lines say what is loading
+    transformers.utils.logging.disable_progress_bar()
     kwargs = {"use_safetensors": True, "local_files_only": True}
     if library == "transformers":
         kwargs["dtype"] = dtype or torch.float32
