@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 # ModelOpt for FP8, PySide6, test tools. GPU sites install from the offline bundle instead (installer/).
 EXTRAS := cpu,rtx,fp8,ui,trust,test
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-DEMO_MODEL  := assets/demo-model
+# The trained demo model ships in assets/; without it, a tiny RANDOM Klein model (it draws noise) stands in.
+DEMO_MODEL  := $(if $(wildcard assets/demo-model/model_index.json),assets/demo-model,out/tiny-random-klein)
 DEMO_BUNDLE := engines/demo
 DEMO_PROMPT := a red circle on a blue background
 
@@ -25,7 +26,11 @@ install: $(STAMP)
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
 
-$(DEMO_BUNDLE)/manifest.json: $(STAMP) $(shell find $(DEMO_MODEL) -type f 2>/dev/null)
+out/tiny-random-klein/model_index.json: | $(STAMP)
+	@echo "assets/demo-model is missing: using a tiny RANDOM Klein-architecture model, which draws noise"
+	$(BIN)/python -m export.synthetic klein out/tiny-random-klein
+
+$(DEMO_BUNDLE)/manifest.json: $(STAMP) $(DEMO_MODEL)/model_index.json $(shell find $(DEMO_MODEL) -type f 2>/dev/null)
 	$(BIN)/edgegen export --model $(DEMO_MODEL) --out $(DEMO_BUNDLE) --overwrite
 
 demo: $(DEMO_BUNDLE)/manifest.json

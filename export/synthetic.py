@@ -99,6 +99,7 @@ class KleinSize:
     vae_layers_per_block: int = 1
     is_distilled: bool = True
     vae_mid_attention: bool = True  # the demo model turns it off so the VAE can train on crops
+    vae_norm_groups: int | None = None  # None: min(32, first VAE width)
 
 
 def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPUS, seed: int = 0):
@@ -141,7 +142,7 @@ def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPU
         up_block_types=("UpDecoderBlock2D",) * len(size.vae_channels),
         layers_per_block=size.vae_layers_per_block,
         latent_channels=32,
-        norm_num_groups=min(32, size.vae_channels[0]),
+        norm_num_groups=size.vae_norm_groups or min(32, size.vae_channels[0]),
         mid_block_add_attention=size.vae_mid_attention,
     ).eval()
     with torch.no_grad():  # non-trivial batch-norm statistics, so de-normalisation is exercised
@@ -209,3 +210,13 @@ def save(pipe, folder: Path) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+if __name__ == "__main__":  # python -m export.synthetic klein|sd3 OUT_DIR: a tiny RANDOM (untrained) model
+    import sys
+
+    kind, out = sys.argv[1], Path(sys.argv[2])
+    save(build_klein() if kind == "klein" else build_sd3(), out)
+    (out / "edgegen_defaults.json").write_text(json.dumps({"min_size": 32, "max_size": 256, "width": 128,
+                                                           "height": 128, "note": "tiny random model, draws noise"}))
+    print(out)
