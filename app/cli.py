@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration-count", type=int, default=8, help="FP8 calibration prompts to sample")
     e.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle once the new one is complete")
+    e.add_argument("--sign", type=Path, metavar="KEYFILE", help="sign the finished bundle with this private key")
 
     g = sub.add_parser("generate", help="prompt -> PNG")
     g.add_argument("--bundle", type=Path, required=True)
@@ -83,10 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bundle", type=Path, action="append", default=[])
     d.add_argument("--json", action="store_true")
 
-    sub.add_parser("selftest", help="run the demo model through every backend here")
+    st = sub.add_parser("selftest", help="run the demo model through every backend here")
+    st.add_argument("--model", type=Path, help="model folder (default: the demo model in assets/)")
+    st.add_argument("--references", type=Path, help="reference PNGs + index.json (default: assets/demo-references)")
+    st.add_argument("--bundle", type=Path, help="bundle to test (default: engines/demo, else a cached export)")
 
     a = sub.add_parser("app", help="the desktop app")
     a.add_argument("--bundle", type=Path)
+
+    k = sub.add_parser("keys", help="signing keys for bundles")
+    ksub = k.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    kg = ksub.add_parser("generate", help="create an Ed25519 signing key pair (NAME.key, NAME.pub)")
+    kg.add_argument("--out", type=Path, required=True, help="folder for the key files")
+    kg.add_argument("--name", help="signer name shown when the bundle loads (default: user@host)")
+
+    s = sub.add_parser("sign", help="sign a bundle's manifest (writes manifest.sig)")
+    s.add_argument("--bundle", type=Path, required=True)
+    s.add_argument("--key", type=Path, required=True, help="private key from: edgegen keys generate")
+
+    t = sub.add_parser("trust", help="trusted signing keys and the signed-bundle policy")
+    tsub = t.add_subparsers(dest="trust_command", required=True, parser_class=_Parser)
+    ta = tsub.add_parser("add", help="trust a public key (.pub)")
+    ta.add_argument("pubkey", type=Path)
+    ta.add_argument("--name", help="label for the key (default: the name in the file)")
+    tl = tsub.add_parser("list", help="trusted keys and the policy")
+    tl.add_argument("--json", action="store_true")
+    tr = tsub.add_parser("remove", help="stop trusting a key")
+    tr.add_argument("key_id")
+    tp = tsub.add_parser("policy", help="show or set whether bundles must be signed by a trusted key")
+    tp.add_argument("--require-signed", choices=["on", "off"])
     return p
 
 
@@ -121,7 +147,15 @@ def cmd_export(args) -> int:
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
         loras=tuple(args.lora), overwrite=args.overwrite,
     )
+    if args.sign:  # check the key before a long export, not after it
+        from app.runtime.trust import load_signing_key
+
+        load_signing_key(args.sign)
     out = export_bundle(opts, progress=say)
+    if args.sign:
+        from app.runtime.trust import sign_bundle
+
+        say(f"signature: {sign_bundle(out, args.sign).describe()}")
     print(out)
     return 0
 
@@ -143,7 +177,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from app.progress import console
+    from rich.console import Console
+
     from app.runtime.plan import make_plan, parse_gpu_option, render_plan
     from app.runtime.planinfo import components_for
 
@@ -154,7 +189,7 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        console.print(render_plan(plan))
+        Console().print(render_plan(plan))
     return 0
 
 
@@ -167,7 +202,7 @@ def cmd_doctor(args) -> int:
 def cmd_selftest(args) -> int:
     from app.runtime.selftest import selftest
 
-    return selftest()
+    return selftest(model_dir=args.model, references_dir=args.references, bundle_dir=args.bundle)
 
 
 def cmd_app(args) -> int:
@@ -176,7 +211,62 @@ def cmd_app(args) -> int:
     return run_app(args.bundle)
 
 
-COMMANDS = {"export": cmd_export, "generate": cmd_generate, "plan": cmd_plan, "doctor": cmd_doctor,
+def cmd_keys(args) -> int:
+    from app.progress import say
+    from app.runtime.trust import generate_keypair
+
+    priv, pub = generate_keypair(args.out, args.name)
+    say(f"private key {priv} (keep it secret; sign with: edgegen sign --bundle DIR --key {priv})")
+    say(f"public key  {pub} (give it to users; they run: edgegen trust add {pub})")
+    print(pub)
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from app.runtime.trust import sign_bundle
+
+    state = sign_bundle(args.bundle, args.key)
+    print(f"{args.bundle}: {state.describe()}")
+    return 0
+
+
+def cmd_trust(args) -> int:
+    from app.runtime import trust
+
+    if args.trust_command == "add":
+        k = trust.add_trusted_key(args.pubkey, args.name)
+        print(f"trusted {k.key_id} {k.name}")
+    elif args.trust_command == "remove":
+        k = trust.remove_trusted_key(args.key_id)
+        print(f"removed {k.key_id} {k.name}")
+    elif args.trust_command == "list":
+        trust.load_policy()  # a damaged policy file is an error here too, never shown as "off"
+        report = trust.trust_report()
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        pol = report["policy"]
+        print(f"require signed bundles: {'on' if pol['require_signed_bundles'] else 'off'}"
+              + (f" ({', '.join(pol['sources'])})" if pol.get("sources") else ""))
+        for k in report["trusted_keys"]:
+            print(f"{k['key_id']}  {k['scope']:4}  {k['name']}")
+        if not report["trusted_keys"]:
+            print("no trusted keys (add one with: edgegen trust add PUBKEY)")
+        for problem in report["problems"]:
+            print(f"skipped: {problem}")
+        if not report["cryptography"]:
+            print(f"signatures cannot be checked: cryptography is not installed ({trust.INSTALL_HINT})")
+    else:
+        if args.require_signed is not None:
+            _, pol = trust.set_require_signed(args.require_signed == "on")
+        else:
+            pol = trust.load_policy()
+        print(f"require signed bundles: {'on' if pol.require_signed_bundles else 'off'}"
+              + (f" ({', '.join(pol.sources)})" if pol.sources else ""))
+    return 0
+
+
+COMMANDS = {"keys": cmd_keys, "sign": cmd_sign, "trust": cmd_trust, "export": cmd_export, "generate": cmd_generate, "plan": cmd_plan, "doctor": cmd_doctor,
             "selftest": cmd_selftest, "app": cmd_app}
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ def _isolated_user_dirs(tmp_path, monkeypatch):
     """Audit log and caches go to the test's own folder, never the developer's home."""
     monkeypatch.setenv("EDGEGEN_AUDIT_LOG", str(tmp_path / "audit" / "audit.jsonl"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # Trust store and signing policy: a developer's own keys or a site's strict policy must not leak in.
+    monkeypatch.setenv("EDGEGEN_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("EDGEGEN_SITE_CONFIG_DIR", str(tmp_path / "site-config"))
+    monkeypatch.delenv("EDGEGEN_REQUIRE_SIGNED", raising=False)
 
 
 @pytest.fixture(scope="session")

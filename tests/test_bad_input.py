@@ -20,7 +20,7 @@ def run(capsys, *argv) -> tuple[int, str]:
 
 def assert_one_line(rc: int, err: str, *needles: str) -> None:
     assert rc == 2, err
-    lines = [l for l in err.splitlines() if not l.startswith(("backend:", "warning:"))]
+    lines = [l for l in err.splitlines() if not l.startswith(("signature:", "backend:", "warning:"))]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     for n in needles:

@@ -38,6 +38,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
     if not out.parent.exists():
         raise UsageError(f"the folder {out.parent} for --out does not exist; create it first")
     bundle = load_bundle(bundle_dir)
+    say(f"signature: {bundle.signature.describe()}")
     be, reason = make_backend(bundle, backend, model)
     say(f"backend: {be.describe()} ({reason})")
     pipe = make_pipeline(bundle, be)
