@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
+from PySide6.QtCore import Qt, qVersion
 from PySide6.QtWidgets import QMessageBox, QWidget
 
 from app import __version__
@@ -15,9 +16,7 @@ PACKAGES = ("PySide6-Essentials", "torch", "diffusers", "transformers", "onnxrun
 
 def versions() -> dict[str, str]:
     """Installed versions, read from package metadata without importing anything heavy."""
-    import PySide6
-
-    out = {"edgegen": __version__, "Python": platform.python_version(), "Qt": PySide6.QtCore.qVersion()}
+    out = {"edgegen": __version__, "Python": platform.python_version(), "Qt": qVersion()}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
@@ -38,6 +37,6 @@ def show_about(parent: QWidget) -> None:
     box = QMessageBox(parent)
     box.setWindowTitle("About edgegen")
     box.setObjectName("aboutBox")
-    box.setTextFormat(box.textFormat().RichText)
+    box.setTextFormat(Qt.TextFormat.RichText)
     box.setText(about_text())
     box.exec()

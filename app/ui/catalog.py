@@ -93,13 +93,12 @@ def describe(path: Path, gpu: GpuSpec | None) -> BundleEntry:
         return BundleEntry(path=path, name=path.name, error=str(e) or type(e).__name__)
 
 
-def find_bundles(folder: Path, gpu: GpuSpec | None, extra: list[Path] = ()) -> list[BundleEntry]:
-    """Every folder directly inside `folder` with a manifest, plus `extra` bundles given by path."""
-    found: list[Path] = []
-    folder = Path(folder)
-    if folder.is_dir():
-        found = sorted(p for p in folder.iterdir() if (p / MANIFEST_NAME).is_file())
+def find_bundles(folders: list[Path], gpu: GpuSpec | None, extra: list[Path] = ()) -> list[BundleEntry]:
+    """Every bundle directly inside `folders` (hidden, half-written exports skipped), plus `extra` ones."""
+    from app.runtime.locations import find_bundles as bundles_in
+
+    found = bundles_in([Path(f) for f in folders if Path(f).is_dir()])
     for p in extra:
-        if p and Path(p).resolve() not in {f.resolve() for f in found}:
+        if p and (Path(p) / MANIFEST_NAME).is_file() and Path(p).resolve() not in {f.resolve() for f in found}:
             found.insert(0, Path(p))
     return [describe(p, gpu) for p in found]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtGui import QRegularExpressionValidator
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit, QPushButton,
-    QSpinBox, QVBoxLayout, QWidget,
+    QSizePolicy, QSpinBox, QVBoxLayout, QWidget,
 )
 
 from app.ui.collapsible import Collapsible
@@ -49,6 +49,8 @@ class GenerationForm(QWidget):
         self.negative.setTabChangesFocus(True)
         lines = self.fontMetrics().lineSpacing()
         self.prompt.setMinimumHeight(lines * 4)
+        # Take the spare height, but ask for none: the side panel then only scrolls on really small screens.
+        self.prompt.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
         self.negative.setMaximumHeight(lines * 4)
         self.negative_label = QLabel("Negative prompt")
 
@@ -69,10 +71,9 @@ class GenerationForm(QWidget):
         self.width_box = QSpinBox(objectName="width", suffix=" px")
         self.height_box = QSpinBox(objectName="height", suffix=" px")
         size_row = QHBoxLayout()
-        size_row.addWidget(self.size_preset, 1)
-        size_row.addWidget(self.width_box)
+        size_row.addWidget(self.width_box, 1)
         size_row.addWidget(QLabel("×"))
-        size_row.addWidget(self.height_box)
+        size_row.addWidget(self.height_box, 1)
         self.count = QSpinBox(objectName="count", minimum=1, maximum=64)
         self.count.setToolTip("Images to draw, with seeds seed, seed+1, …")
 
@@ -103,7 +104,8 @@ class GenerationForm(QWidget):
         form.addRow("Seed", seed_row)
         form.addRow("Steps", self.steps)
         form.addRow("Guidance", self.guidance)
-        form.addRow("Size", size_row)
+        form.addRow("Size", self.size_preset)
+        form.addRow("", size_row)
         form.addRow("Images", self.count)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -226,6 +228,3 @@ class GenerationForm(QWidget):
         self.error.setVisible(bool(msg))
         self.changed.emit()
 
-
-def focus_prompt(form: GenerationForm) -> None:
-    form.prompt.setFocus(Qt.FocusReason.OtherFocusReason)

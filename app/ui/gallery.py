@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (
 from app.ui.history import THUMB_PX, Entry, History
 
 ID_ROLE = Qt.ItemDataRole.UserRole
+SHOWN = 500  # thumbnails kept in the list (each costs ~100 KB of pixmap)
 
 
 def ask_delete(parent: QWidget, entry: Entry) -> bool:
@@ -71,19 +72,38 @@ class GalleryWidget(QWidget):
 
     def refresh(self) -> None:
         selected = self.selected_id()
-        entries = self.history.search(self.search.text())
+        entries = self.history.search(self.search.text(), limit=SHOWN)
         self.list.clear()
         for e in entries:
-            item = QListWidgetItem(self._icon(e), _short(e.prompt))
-            item.setData(ID_ROLE, e.id)
-            item.setToolTip(f"{e.prompt}\nseed {e.meta.get('seed')} · {e.meta.get('width')}×{e.meta.get('height')}"
-                            f"\n{e.path}" + ("" if e.exists else "\n(file missing)"))
+            item = self._item(e)
             self.list.addItem(item)
             if e.id == selected:
                 item.setSelected(True)
+        self._count(len(entries))
+
+    def add_new(self, entry_id: int) -> None:
+        """Put a just-saved image first without reloading every thumbnail (keeps the GUI thread quick)."""
+        entry = self.history.get(entry_id)
+        if entry is None:
+            return
+        query = self.search.text().strip().lower()
+        if not query or query in entry.prompt.lower() or query in entry.meta.get("negative_prompt", "").lower():
+            self.list.insertItem(0, self._item(entry))
+            while self.list.count() > SHOWN:  # as many as refresh() shows; older ones are a search away
+                self.list.takeItem(self.list.count() - 1)
+        self._count(self.list.count())
+
+    def _item(self, e: Entry) -> QListWidgetItem:
+        item = QListWidgetItem(self._icon(e), _short(e.prompt))
+        item.setData(ID_ROLE, e.id)
+        item.setToolTip(f"{e.prompt}\nseed {e.meta.get('seed')} · {e.meta.get('width')}×{e.meta.get('height')}"
+                        f"\n{e.path}" + ("" if e.exists else "\n(file missing)"))
+        return item
+
+    def _count(self, shown: int) -> None:
         total = self.history.count()
         noun = "image" if total == 1 else "images"
-        self.count_label.setText(f"{len(entries)} of {total} {noun}" if self.search.text() else f"{total} {noun}")
+        self.count_label.setText(f"{shown} of {total} {noun}" if self.search.text() else f"{total} {noun}")
         self._selection_changed()
 
     def _icon(self, e: Entry) -> QIcon:

@@ -49,6 +49,7 @@ class MonitorThread(QObject):
         self.monitor = GpuMonitor(reader, interval_ms)
         self.monitor.moveToThread(self.worker_thread)
         self.worker_thread.started.connect(self.monitor.start)
+        self.worker_thread.finished.connect(self.monitor.deleteLater)
         self.monitor.sampled.connect(self.sampled)
 
     def start(self) -> None:
@@ -56,6 +57,6 @@ class MonitorThread(QObject):
 
     def shutdown(self) -> None:
         if self.worker_thread.isRunning():
-            QTimer.singleShot(0, self.monitor, self.monitor.stop)
+            # Quitting ends the thread's event loop, so its timer stops; `finished` then frees the monitor.
             self.worker_thread.quit()
             self.worker_thread.wait(5000)

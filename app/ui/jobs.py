@@ -57,12 +57,12 @@ class JobQueue(QObject):
     finished = Signal(object, QImage, object)  # Job, image, JobResult
     failed = Signal(object, str)  # Job, message with the fix
     cancelled = Signal(object)  # Job
-    model_ready = Signal(str, str, str)  # bundle dir, backend description, why this backend
+    model_ready = Signal(str, str, str, str)  # bundle dir, backend description, why this backend, signature
     model_failed = Signal(str, str)  # bundle dir, message
     idle = Signal()
 
     _run = Signal(object)
-    _prepare = Signal(str, str)
+    _prepare = Signal(str, str, bool)
 
     def __init__(self, parent: QObject | None = None, audit=None):
         super().__init__(parent)
@@ -74,6 +74,8 @@ class JobQueue(QObject):
         self.worker_thread.setObjectName("edgegen-generation")
         self.worker = GenerationWorker(audit=audit)
         self.worker.moveToThread(self.worker_thread)
+        self.worker_thread.started.connect(self.worker.lower_priority)
+        self.worker_thread.finished.connect(self.worker.deleteLater)  # freed in its own thread, not at exit
         self._run.connect(self.worker.run)
         self._prepare.connect(self.worker.prepare)
         self.worker.status.connect(self._on_status)
@@ -91,9 +93,11 @@ class JobQueue(QObject):
         self.changed.emit()
         self._pump()
 
-    def prepare(self, bundle_dir: Path, backend: str) -> None:
-        """Load a model ahead of the first job (after any running one), so the status bar can say which backend."""
-        self._prepare.emit(str(bundle_dir), backend)
+    def prepare(self, bundle_dir: Path, backend: str, warm: bool = True) -> None:
+        """Load a model ahead of the first job (after any running one), so the status bar can say which backend
+        and, with `warm`, the first image does not pay for imports, tokenizers and sessions."""
+        self.worker.wanted = (str(bundle_dir), backend)
+        self._prepare.emit(str(bundle_dir), backend, warm)
 
     def cancel_current(self) -> bool:
         if self.current is None:
@@ -117,6 +121,7 @@ class JobQueue(QObject):
 
     def shutdown(self, wait_ms: int = 60_000) -> None:
         self.pending.clear()
+        self.worker.stopping.set()
         self.cancel_current()
         self.worker_thread.quit()
         if not self.worker_thread.wait(wait_ms):

@@ -16,6 +16,25 @@ def _check_display() -> None:
                          "(or set QT_QPA_PLATFORM=offscreen for a headless check)")
 
 
+def dispose(widget) -> None:
+    """Free a closed window now, while the QApplication exists; left to interpreter exit, Python may destroy
+    them in either order, and a widget outliving its QApplication crashes on the way out."""
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    widget.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+
+
+def _set_icon(app) -> None:
+    from PySide6.QtGui import QIcon
+
+    from app.runtime.locations import assets_dir
+
+    icon = assets_dir() / "icons" / "edgegen.png"
+    if icon.is_file():
+        app.setWindowIcon(QIcon(str(icon)))
+
+
 def run_app(bundle: Path | None = None) -> int:
     from app import offline
 
@@ -39,8 +58,12 @@ def run_app(bundle: Path | None = None) -> int:
     app.setApplicationName("edgegen")
     app.setApplicationDisplayName("edgegen")
     app.setDesktopFileName("edgegen")
+    _set_icon(app)
     follow_system(app)
     window = MainWindow(bundle=Path(bundle) if bundle else None)
     window.show()
     window.form.prompt.setFocus()
-    return app.exec()
+    code = app.exec()
+    window.close()  # no-op if the user closed it; saves settings and stops the threads otherwise
+    dispose(window)
+    return code

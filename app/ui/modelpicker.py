@@ -31,12 +31,12 @@ class ModelPicker(QWidget):
         lay.addLayout(row)
         lay.addWidget(self.info)
         self.entries: list[BundleEntry] = []
-        self.engines_folder: Path | None = None
+        self.engines_folders: list[Path] = []
         self.combo.currentIndexChanged.connect(self._chosen)
         self.refresh.clicked.connect(self.refresh_requested)
 
-    def set_entries(self, entries: list[BundleEntry], engines_folder: Path, select: Path | None = None) -> None:
-        self.entries, self.engines_folder = list(entries), engines_folder
+    def set_entries(self, entries: list[BundleEntry], engines_folders: list[Path], select: Path | None = None) -> None:
+        self.entries, self.engines_folders = list(entries), list(engines_folders)
         self.combo.blockSignals(True)
         self.combo.clear()
         for e in self.entries:
@@ -57,9 +57,10 @@ class ModelPicker(QWidget):
     def _chosen(self, index: int) -> None:
         entry = self.current()
         if entry is None:
-            self.info.setText(f"No engine bundles in {self.engines_folder}. Export one with: edgegen export "
-                              f"--model DIR --out {self.engines_folder}/NAME, or choose another engines folder "
-                              "in Settings.")
+            where = " or ".join(str(f) for f in self.engines_folders) or "the engines folder"
+            first = self.engines_folders[0] if self.engines_folders else Path("engines")
+            self.info.setText(f"No engine bundles in {where}. Export one with: edgegen export --model DIR "
+                              f"--out {first / 'NAME'}, or choose another engines folder in Settings.")
         else:
             self.info.setText(entry.details())
             self.info.setToolTip(str(entry.path))

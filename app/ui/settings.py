@@ -64,7 +64,17 @@ class Settings:
 
     @property
     def engines_path(self) -> Path:
-        return Path(self.engines_folder) if self.engines_folder else REPO_ROOT / "engines"
+        """The folder shown in Settings: the chosen one, else the first default engines folder."""
+        return self.engines_folders()[0]
+
+    def engines_folders(self) -> list[Path]:
+        """Where the model picker looks: the chosen folder, else the shared defaults ($EDGEGEN_ENGINES set by
+        an offline install, <repo>/engines, ./engines)."""
+        if self.engines_folder:
+            return [Path(self.engines_folder)]
+        from app.runtime.locations import engine_dirs
+
+        return engine_dirs() or [REPO_ROOT / "engines"]
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)

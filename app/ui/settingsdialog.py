@@ -43,6 +43,13 @@ class SettingsDialog(QDialog):
             edit.setText(folder)
 
     def result_settings(self) -> Settings:
-        return self.settings.replace(output_folder=self.output.text().strip(),
-                                     engines_folder=self.engines.text().strip(),
-                                     backend=self.backend.currentText())
+        """The edited settings; a folder left as shown keeps following the default rather than pinning it."""
+        s = self.settings
+
+        def chosen(edit: QLineEdit, shown: object, current: str) -> str:
+            text = edit.text().strip()
+            return current if text == str(shown) else text
+
+        return s.replace(output_folder=chosen(self.output, s.output_path, s.output_folder),
+                         engines_folder=chosen(self.engines, s.engines_path, s.engines_folder),
+                         backend=self.backend.currentText())

@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, Signal, Slot
+from PySide6.QtCore import QByteArray, Qt, Signal, Slot
 from PySide6.QtGui import QAction, QImage, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPushButton, QScrollArea, QSplitter, QTabWidget,
-    QToolButton, QVBoxLayout, QWidget,
+    QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout,
+    QWidget,
 )
 
 from app.errors import EdgegenError
@@ -24,44 +24,15 @@ from app.ui.gpumonitor import MonitorThread
 from app.ui.gpustats import GpuSample, NvmlStatsReader
 from app.ui.history import History
 from app.ui.jobs import Job, JobQueue, JobResult
+from app.ui.messages import Banner, ask_yes_no
 from app.ui.modelpicker import ModelPicker
 from app.ui.queueview import QueueView
 from app.ui.resultview import ResultView
 from app.ui.settings import AppPaths, Settings, load_settings, save_settings
+from app.ui.statusbar import BackendLabel, OfflineIndicator
 from app.ui.vram import VramWidget
 
 _LOG = logging.getLogger("edgegen.ui")
-
-
-def ask_yes_no(parent: QWidget, title: str, text: str) -> bool:
-    answer = QMessageBox.warning(parent, title, text, QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-                                 QMessageBox.StandardButton.No)
-    return answer == QMessageBox.StandardButton.Yes
-
-
-class Banner(QWidget):
-    """An inline message (error or warning) above the result, with a close button; never modal."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.label = QLabel(objectName="bannerText", wordWrap=True)
-        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        close = QToolButton(text="✕", autoRaise=True)
-        close.clicked.connect(self.hide)
-        lay = QHBoxLayout(self)
-        lay.addWidget(self.label, 1)
-        lay.addWidget(close, 0, Qt.AlignmentFlag.AlignTop)
-        self.setAutoFillBackground(True)
-        self.hide()
-
-    def show_message(self, text: str, error: bool = True) -> None:
-        color = "#b3261e" if error else "#8a6d00"
-        self.setStyleSheet(f"Banner {{ border: 1px solid {color}; border-radius: 4px; }} QLabel {{ color: {color}; }}")
-        self.label.setText(text)
-        self.show()
-
-    def text(self) -> str:
-        return self.label.text() if self.isVisible() else ""
 
 
 class MainWindow(QMainWindow):
@@ -69,13 +40,14 @@ class MainWindow(QMainWindow):
 
     def __init__(self, paths: AppPaths | None = None, bundle: Path | None = None, reader: GpuReader | None = None,
                  monitor_interval_ms: int = 1000, audit=None,
-                 confirm: Callable[[QWidget, str, str], bool] = ask_yes_no):
+                 confirm: Callable[[QWidget, str, str], bool] = ask_yes_no, preload: bool = True):
         super().__init__()
         self.setWindowTitle("edgegen")
         self._closed = False
         self.paths = paths or AppPaths.default()
         self.settings: Settings = load_settings(self.paths)
         self.confirm = confirm
+        self.preload = preload  # open the model's sessions as soon as it is picked, not at the first Generate
         self.reader = reader or NvmlStatsReader()
         self.gpu = this_gpu(self.reader)
         self.bundle = None  # the selected Bundle (manifest only; the worker verifies before running)
@@ -127,14 +99,10 @@ class MainWindow(QMainWindow):
         split.setStretchFactor(1, 1)
         self.setCentralWidget(split)
 
-        self.backend_label = QLabel("Backend: not loaded yet", objectName="backendLabel")
-        self.offline_label = QLabel(objectName="offlineLabel")
+        self.backend_label = BackendLabel()
+        self.offline_label = OfflineIndicator()
         self.statusBar().addWidget(self.backend_label, 1)
         self.statusBar().addPermanentWidget(self.offline_label)
-        self._offline_timer = QTimer(self, interval=5000)
-        self._offline_timer.timeout.connect(self.update_offline)
-        self._offline_timer.start()
-        self.update_offline()
 
         self._menus()
         self._shortcuts()
@@ -145,8 +113,9 @@ class MainWindow(QMainWindow):
         self.monitor.start()
 
         self._restore_geometry()
-        self.reload_models(select=bundle or (Path(self.settings.last_model) if self.settings.last_model else None),
-                           extra=[bundle] if bundle else [])
+        last = Path(self.settings.last_model) if self.settings.last_model else None
+        remembered = last if last is not None and (last / "manifest.json").is_file() else None
+        self.reload_models(select=bundle or remembered, extra=[p for p in (bundle, remembered) if p is not None])
         self._import_orphans()
 
     # ----- construction helpers -------------------------------------------------------------------
@@ -193,9 +162,10 @@ class MainWindow(QMainWindow):
 
     # ----- models ---------------------------------------------------------------------------------
     def reload_models(self, select: Path | None = None, extra: list[Path] = ()) -> None:
-        folder = self.settings.engines_path
-        extras = list(extra) + [e.path for e in self.picker.entries if not _inside(e.path, folder)]
-        self.picker.set_entries(find_bundles(folder, self.gpu, extras), folder, select)
+        folders = self.settings.engines_folders()
+        # Bundles opened by path (--bundle, the last model, a reused image's model) stay listed.
+        extras = list(extra) + [e.path for e in self.picker.entries if not _inside(e.path, folders)]
+        self.picker.set_entries(find_bundles(folders, self.gpu, extras), folders, select)
 
     def _selected_path(self) -> Path | None:
         entry = self.picker.current()
@@ -221,34 +191,32 @@ class MainWindow(QMainWindow):
         self.form.set_model(m["defaults"], m["size_range"], self.bundle.family.uses_negative_prompt)
         self.settings = self.settings.replace(last_model=str(entry.path))
         self._save_settings()
-        self.backend_label.setText(f"Backend: loading {entry.name}…")
-        self.queue.prepare(entry.path, self.form.backend.currentText())
+        self.backend_label.loading(entry.name)
+        self.queue.prepare(entry.path, self.form.backend.currentText(), warm=self.preload)
         self.update_fit()
 
     def _backend_changed(self, backend: str) -> None:
         self.settings = self.settings.replace(backend=backend)
         self._save_settings()
         if self.bundle is not None:
-            self.backend_label.setText("Backend: loading…")
-            self.queue.prepare(self.bundle.root, backend)
+            self.backend_label.loading()
+            self.queue.prepare(self.bundle.root, backend, warm=self.preload)
 
-    @Slot(str, str, str)
-    def _model_ready(self, bundle_dir: str, description: str, reason: str) -> None:
-        self.backend_label.setText(f"Backend: {description} — {reason}")
-        self.backend_label.setToolTip(f"{bundle_dir}\n{reason}")
+    @Slot(str, str, str, str)
+    def _model_ready(self, bundle_dir: str, description: str, reason: str, signature: str) -> None:
+        self.backend_label.ready(bundle_dir, description, reason, signature)
 
     @Slot(str, str)
     def _model_failed(self, bundle_dir: str, message: str) -> None:
-        self.backend_label.setText("Backend: none — the model could not be loaded")
+        self.backend_label.failed()
         self.banner.show_message(message)
 
     # ----- fit ------------------------------------------------------------------------------------
     @Slot(object)
     def _gpu_sampled(self, sample: GpuSample) -> None:
-        had = self.gpu is not None
+        # Live free memory feeds the plan, so the fit line follows other programs' use of the GPU.
         self.gpu = gpu_spec_from_info(sample.gpu) if sample.gpu is not None else None
-        if had != (self.gpu is not None):
-            self.update_fit()
+        self.update_fit()
 
     def current_plan(self):
         if self.bundle is None:
@@ -329,7 +297,8 @@ class MainWindow(QMainWindow):
             entry_id = -1
         self.result.show_image(image, result.path, result.meta, result.timings.get("total"))
         self.form.set_last_seed(int(result.meta["seed"]))
-        self.gallery.refresh()
+        if entry_id >= 0:
+            self.gallery.add_new(entry_id)
         if result.warnings:
             self.banner.show_message("; ".join(result.warnings), error=False)
         self.statusBar().showMessage(f"Saved {result.path}", 10_000)
@@ -354,9 +323,10 @@ class MainWindow(QMainWindow):
         self.tabs.setCurrentWidget(self.result)
 
     def reuse_entry(self, entry) -> None:
-        bundle_dir = entry.meta.get("bundle_dir")
-        if bundle_dir and self.bundle is not None and Path(bundle_dir) != self.bundle.root:
-            self.reload_models(select=Path(bundle_dir), extra=[Path(bundle_dir)] if Path(bundle_dir).is_dir() else [])
+        bundle_dir = Path(entry.meta["bundle_dir"]) if entry.meta.get("bundle_dir") else None
+        if bundle_dir is not None and (bundle_dir / "manifest.json").is_file() and (
+                self.bundle is None or bundle_dir != self.bundle.root):
+            self.reload_models(select=bundle_dir, extra=[bundle_dir])
         self.form.apply_meta(entry.meta)
         self.tabs.setCurrentWidget(self.result)
         self.form.prompt.setFocus()
@@ -384,33 +354,22 @@ class MainWindow(QMainWindow):
         from app.ui.settingsdialog import SettingsDialog
 
         dialog = SettingsDialog(self.settings, self)
-        if dialog.exec():
-            new = dialog.result_settings()
-            engines_changed = new.engines_path != self.settings.engines_path
-            self.set_output_folder(new.output_path)
-            self.settings = new
-            self.form.backend.setCurrentText(new.backend)
-            self._save_settings()
-            if engines_changed:
-                self.reload_models(select=self._selected_path())
+        if not dialog.exec():
+            return
+        new = dialog.result_settings()
+        engines_changed = new.engines_folders() != self.settings.engines_folders()
+        self.settings = new
+        self.form.output_folder.setText(str(new.output_path))
+        self.form.backend.setCurrentText(new.backend)
+        self._save_settings()
+        self._import_orphans()
+        if engines_changed:
+            self.reload_models(select=self._selected_path())
 
     def show_about(self) -> None:
         from app.ui.about import show_about
 
         show_about(self)
-
-    def update_offline(self) -> None:
-        from app.offline import guard_status
-
-        status = guard_status()
-        if status.active and status.offline_env:
-            text = "● Offline" + (f" — {status.blocked} blocked" if status.blocked else "")
-            color = "#2e7d32" if not status.blocked else "#b26a00"
-        else:
-            text, color = "● Network guard off", "#b3261e"
-        self.offline_label.setText(text)
-        self.offline_label.setStyleSheet(f"color: {color}")
-        self.offline_label.setToolTip(status.summary() + (f"\nLast: {status.last_blocked}" if status.last_blocked else ""))
 
     def _save_settings(self) -> None:
         try:
@@ -434,15 +393,15 @@ class MainWindow(QMainWindow):
         self.settings = self.settings.replace(geometry=bytes(self.saveGeometry().toHex()).decode(),
                                               window_state=bytes(self.saveState().toHex()).decode())
         self._save_settings()
-        self._offline_timer.stop()
+        self.offline_label.timer.stop()
         self.queue.shutdown()
         self.monitor.shutdown()
         self.history.close()
         super().closeEvent(event)
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def _inside(path: Path, folders: list[Path]) -> bool:
     try:
-        return Path(path).resolve().parent == Path(folder).resolve()
+        return any(Path(path).resolve().parent == Path(f).resolve() for f in folders)
     except OSError:
         return False
