@@ -189,7 +189,7 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        Console().print(render_plan(plan))
+        Console(width=None if sys.stdout.isatty() else 160).print(render_plan(plan))  # no wrapped names in pipes
     return 0
 
 
