@@ -32,22 +32,26 @@ _POS_ON = {"center": "in the center", "left": "on the left", "right": "on the ri
 _POS_AT = {"center": "in the middle", "left": "at the left", "right": "at the right",
            "top": "at the top", "bottom": "at the bottom"}
 TEMPLATES = [
-    "a {c} {s} on a {b} background, {on}",
+    "{ac} {s} on {ab} background, {on}",
     "{b} background with a small {c} {s} {at}",
-    "a {c} {s} {on} of a {b} background",
+    "{ac} {s} {on} of {ab} background",
     "{c} {s}, {b} background, {p}",
-    "a {c} {s} on a {b} background",  # no position: the model may place it anywhere
-    "{b} background with a {c} {s}",
+    "{ac} {s} on {ab} background",  # no position: the model may place it anywhere
+    "{b} background with {ac} {s}",
 ]
 POSITIONLESS = {4, 5}
 
 
 def caption(attrs: dict, template: int) -> str:
     """The caption for attributes {shape_color, background, shape, position} in one of TEMPLATES."""
-    p = attrs["position"]
+    p, c, b = attrs["position"], attrs["shape_color"], attrs["background"]
     return TEMPLATES[template].format(
-        c=attrs["shape_color"], s=attrs["shape"], b=attrs["background"], on=_POS_ON[p], at=_POS_AT[p], p=p
+        c=c, s=attrs["shape"], b=b, ac=_article(c), ab=_article(b), on=_POS_ON[p], at=_POS_AT[p], p=p
     )
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def draw(attrs: dict, rng: np.random.Generator | None = None) -> Image.Image:
