@@ -109,7 +109,7 @@ def test_count_writes_one_file_per_seed_with_metadata(klein_bundle, tmp_path, ca
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(files[-1])
 
 
-def test_interrupted_export_leaves_nothing_that_loads(klein_model, tmp_path, monkeypatch):
+def test_interrupted_export_leaves_nothing_that_loads(sd3_model, tmp_path, monkeypatch):
     import export.exporter as ex
 
     def boom(*a, **k):
@@ -117,7 +117,7 @@ def test_interrupted_export_leaves_nothing_that_loads(klein_model, tmp_path, mon
 
     monkeypatch.setattr(ex, "_check", boom)
     with pytest.raises(RuntimeError):
-        ex.export_bundle(ex.ExportOptions(model=klein_model, out=tmp_path / "b", min_size=32, max_size=256),
+        ex.export_bundle(ex.ExportOptions(model=sd3_model, out=tmp_path / "b", min_size=32, max_size=256),
                          progress=lambda m: None)
     assert not (tmp_path / "b").exists()
     assert list(tmp_path.iterdir()) == []
