@@ -73,24 +73,24 @@ def test_mismatch_refuses_with_the_exact_rebuild_command():
             [rec("120")], component="transformer", gpu=G4090, installed=INSTALLED, source=SRC, bundle=BUNDLE
         )
     msg = str(e.value)
-    assert msg.endswith(f"edgegen export --model {SRC} --out {BUNDLE} --target tensorrt-rtx --sm 89")
+    assert msg.endswith(f"edgegen export --model {SRC} --out {BUNDLE} --target tensorrt-rtx --sm 89 --overwrite")
     assert "sm120" in msg and "RTX 4090" in msg and "\n" not in msg
 
 
 def test_rebuild_command_for_hopper_targets_full_tensorrt():
-    with pytest.raises(BundleError, match="--target tensorrt --sm 90$"):
+    with pytest.raises(BundleError, match="--target tensorrt --sm 90 --overwrite$"):
         check_engine_compatible(
             [rec("89")], component="transformer", gpu=H100, installed=INSTALLED, source=SRC, bundle=BUNDLE
         )
 
 
 def test_rebuild_command_drops_fp8_for_ampere_and_quotes_paths():
-    with pytest.raises(BundleError, match="--sm 86 --precision bf16$"):
+    with pytest.raises(BundleError, match="--sm 86 --precision fp32 --overwrite$"):
         check_engine_compatible(
             [rec("89")], component="transformer", gpu=G3090, installed=INSTALLED, source=SRC, bundle=BUNDLE
         )
     assert rebuild_command("/my models/k", "out b", "8.9") == (
-        "edgegen export --model '/my models/k' --out 'out b' --target tensorrt-rtx --sm 89"
+        "edgegen export --model '/my models/k' --out 'out b' --target tensorrt-rtx --sm 89 --overwrite"
     )
 
 

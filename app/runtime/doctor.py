@@ -75,11 +75,6 @@ def _software() -> dict:
     return sw
 
 
-def overwriting(cmd: str) -> str:
-    """A rebuild command for a bundle that exists: export refuses an existing --out without --overwrite."""
-    return cmd if "--overwrite" in cmd.split() else f"{cmd} --overwrite"
-
-
 def _bundle_entry(path: Path, gpus: list, sw: dict) -> dict:
     """Verify one bundle, then say which backend it would use here and what each engine needs (gpus: GpuInfo)."""
     from app.runtime.trt_backend import LABELS, choose_backend, incompatibility, rebuild_command
@@ -116,11 +111,11 @@ def _bundle_entry(path: Path, gpus: list, sw: dict) -> dict:
                 e["fix"] = "pip install 'edgegen[rtx]'" if rec.get("flavour") == "tensorrt-rtx" else \
                     "install the [gpu] extra (TensorRT) from NVIDIA's index"
             elif why:
-                e["fix"] = overwriting(rebuild_command(source, bundle.root, gpu.sm, rec.get("precision")))
+                e["fix"] = rebuild_command(source, bundle.root, gpu.sm, rec.get("precision"))
         entry["engines"].append(e)
     if gpu is not None and not m.get("engines"):
         entry["engine_hint"] = f"no engines yet; for {gpu.name} build them with: " + \
-            overwriting(rebuild_command(source, bundle.root, gpu.sm, bundle.precision))
+            rebuild_command(source, bundle.root, gpu.sm, bundle.precision)
     ort = sw["onnxruntime"]
     if ort["version"] is None:
         entry.update(backend=None, backend_reason="ONNX Runtime is not installed, so nothing can run this bundle")

@@ -59,18 +59,22 @@ def installed_versions() -> dict[str, str | None]:
 # ---------------------------------------------------------------- compatibility
 
 
+EXPORTABLE_PRECISIONS = ("fp32", "fp8")  # what `edgegen export --precision` accepts (export/exporter.py)
+
+
 def rebuild_command(source: str, bundle: str | Path, sm: str, precision: str | None = None) -> str:
-    """The exact export command that rebuilds a bundle for a GPU of compute capability `sm`."""
+    """The exact export command that rebuilds a bundle (in place, hence --overwrite) for a GPU of SM `sm`."""
     sm = normalise_sm(sm)
     cmd = (
         f"edgegen export --model {shlex.quote(str(source))} --out {shlex.quote(str(bundle))} "
         f"--target {engine_flavour_for_sm(sm)} --sm {sm}"
     )
     if precision and not precision_supported(precision, sm):
-        cmd += (
-            f" --precision {choose_precision('transformer', sm)}"  # e.g. an FP8 bundle moved to an sm86 GPU
-        )
-    return cmd
+        # e.g. an FP8 bundle moved to an sm86 GPU. The exporter writes fp32 or fp8 today (bf16 is refused), so
+        # the command that works is fp32 even where choose_precision() would prefer bf16 engines.
+        best = choose_precision("transformer", sm)
+        cmd += f" --precision {best if best in EXPORTABLE_PRECISIONS else 'fp32'}"
+    return cmd + " --overwrite"
 
 
 def incompatibility(
