@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     e.add_argument("--family", default="auto", help="auto, flux2-klein or sd3.5")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"])
+    e.add_argument("--text-encoder-precision", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
+                   help="fp8 quantizes the text encoders too (calibrated on --calibration-prompts)")
     e.add_argument("--target", default="onnx", choices=["onnx", "tensorrt-rtx", "tensorrt"])
     e.add_argument("--sm", default="", help="compute capabilities for engines, e.g. 89,120")
     e.add_argument("--min-size", type=_size)
@@ -145,6 +147,7 @@ def cmd_export(args) -> int:
         model=args.model, out=args.out, family=args.family, precision=args.precision, target=args.target, sms=sms,
         min_size=args.min_size, max_size=args.max_size, calibration_prompts=args.calibration_prompts,
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
+        text_encoder_precision=args.text_encoder_precision,
         loras=tuple(args.lora), overwrite=args.overwrite,
     )
     if args.sign:  # check the key before a long export, not after it

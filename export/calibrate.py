@@ -1,4 +1,4 @@
-"""FP8 calibration from the real sampler: capture the transformer's inputs while the pipeline runs."""
+"""FP8 calibration from the real pipeline: capture a component's inputs while it generates or encodes."""
 
 from __future__ import annotations
 
@@ -32,17 +32,19 @@ def read_prompts(path: Path | None) -> list[str]:
 
 
 class CapturingBackend:
-    """An OrtBackend that keeps a copy of every feed to one component (the calibration set)."""
+    """An OrtBackend that keeps a copy of every feed to the given components (their calibration sets)."""
 
-    def __init__(self, inner: OrtBackend, component: str):
-        self.inner, self.component, self.name = inner, component, inner.name
-        self.feeds: list[dict[str, np.ndarray]] = []
+    def __init__(self, inner: OrtBackend, components: str | tuple[str, ...]):
+        self.inner, self.name = inner, inner.name
+        names = (components,) if isinstance(components, str) else components
+        self.captured: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in names}
 
     def run(self, component, inputs):
-        if component == self.component:
+        if component in self.captured:
             self.inner.session(component)  # opens the session and learns the input dtypes
             dtypes = self.inner._dtypes[component]
-            self.feeds.append({k: np.array(v.detach().cpu().numpy(), dtype=dtypes[k]) for k, v in inputs.items()})
+            self.captured[component].append(
+                {k: np.array(v.detach().cpu().numpy(), dtype=dtypes[k]) for k, v in inputs.items()})
         return self.inner.run(component, inputs)
 
     def describe(self) -> str:
@@ -57,7 +59,19 @@ def capture(bundle: Bundle, component: str, prompts: list[str], count: int, size
     for i, prompt in enumerate(chosen):
         progress(f"[calibration] {i + 1}/{len(chosen)}: {prompt[:60]}")
         pipe.generate(GenerationRequest(prompt=prompt, seed=1000 + i, width=size, height=size))
-    return backend.feeds
+    return backend.captured[component]
+
+
+def capture_encoders(bundle: Bundle, components: tuple[str, ...], prompts: list[str],
+                     progress: Callable[[str], None]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Feeds of each text encoder while the pipeline encodes `prompts`: tokenized exactly as at generation
+    time (padding, truncation, chat template), with the negative prompt too where the family uses CFG."""
+    backend = CapturingBackend(OrtBackend(bundle, "cpu"), components)
+    pipe = make_pipeline(bundle, backend)
+    for i, prompt in enumerate(prompts):
+        progress(f"[calibration] text {i + 1}/{len(prompts)}: {prompt[:60]}")
+        pipe.encode(pipe.resolve(GenerationRequest(prompt=prompt)))
+    return backend.captured
 
 
 def images(bundle: Bundle, size: int | None) -> list[np.ndarray]:

@@ -15,13 +15,13 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from app.errors import UsageError
+from app.errors import EdgegenError, UsageError
 from app.runtime.families import DYNAMIC_DIMS
 from app.runtime.modelfolder import ModelFolder, inspect_folder, load_component
 from app.runtime.wrappers import wrap
 from export.bundle_writer import BundleWriter
 from export.lora import check_loras, fuse_loras
-from export.onnx_export import compare, export_component
+from export.onnx_export import compare, needs_external_data, save_component, trace_component
 
 Precision = Literal["fp32", "bf16", "fp16", "fp8"]
 Target = Literal["onnx", "tensorrt-rtx", "tensorrt"]
@@ -52,6 +52,7 @@ class ExportOptions:
     calibration_prompts: Path | None = None
     calibration_size: int | None = None
     calibration_count: int = 8
+    text_encoder_precision: Precision = "fp32"  # FP8 only on request; never FP16 (T5 overflows it)
     loras: tuple[tuple[Path, float], ...] = ()
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
@@ -114,13 +115,27 @@ def _io(spec, onnx_path: Path) -> dict:
 def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     folder = inspect_folder(opts.model, opts.family)
     fam = folder.family
-    if opts.precision == "fp8":
-        from export.calibrate import read_prompts
-
-        prompts = read_prompts(opts.calibration_prompts)  # fail on a bad file before hours of export
     if opts.precision not in ("fp32", "fp8"):
         raise UsageError(f"--precision {opts.precision} is not available yet; use fp32 (ONNX Runtime/TensorRT-RTX) "
                          "or fp8")
+    if opts.text_encoder_precision not in ("fp32", "fp8"):
+        why = " (text encoders are never FP16: T5 overflows it)" if opts.text_encoder_precision == "fp16" else ""
+        raise UsageError(f"--text-encoder-precision {opts.text_encoder_precision} is not available; "
+                         f"use fp32 or fp8{why}")
+    fp8_encoders = ()
+    if opts.text_encoder_precision == "fp8":
+        from export.fp8_policy import text_encoder_fp8_exclude_patterns
+
+        fp8_encoders = tuple(c.name for c in fam.components
+                             if c.role == "text_encoder" and folder.present(c.source))
+        for name in fp8_encoders:
+            text_encoder_fp8_exclude_patterns(fam.name, name)  # a family without a policy fails here
+    if opts.precision == "fp8" or fp8_encoders:
+        from export.calibrate import read_prompts
+        from export.fp8 import require_modelopt
+
+        prompts = read_prompts(opts.calibration_prompts)  # fail on a bad file before hours of export
+        require_modelopt()
     defaults, size_range = _defaults_and_range(folder, opts)
     if opts.loras:
         check_loras(folder.path / fam.component("transformer").source, folder.index["_class_name"], opts.loras)
@@ -131,31 +146,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
         for spec in fam.components:
             if not folder.present(spec.source):
                 continue
-            t0 = time.monotonic()
-            progress(f"[{spec.name}] loading {spec.source} from {folder.path.name}")
-            module = load_component(folder, spec.source)
-            if spec.role == "transformer" and opts.loras:
-                progress(f"[{spec.name}] fusing {len(opts.loras)} LoRA(s)")
-                lora_records = fuse_loras(module, folder.index["_class_name"], opts.loras)
-            wrapped = wrap(spec, module)
-            owner = SimpleNamespace(**{spec.source: module})
-            progress(f"[{spec.name}] exporting to ONNX (dynamo)")
-            (r0, c0), (r1, c1) = fam.trace_grids
-            trace = fam.sample_inputs(owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT)
-            check = fam.sample_inputs(owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT)
-            onnx_path = export_component(spec, wrapped, trace, w.tmp / spec.name)
-            progress(f"[{spec.name}] checking ONNX Runtime against PyTorch on two shapes")
-            fidelity = _check(spec, wrapped, onnx_path, [trace, check])
-            components[spec.name] = {
-                "role": spec.role, "source": spec.source, "class": folder.index[spec.source][1],
-                "onnx": f"{spec.name}/model.onnx", "precision": "fp32", "runs_on": ["onnxruntime", "tensorrt-rtx", "tensorrt"],
-                **_io(spec, onnx_path), "fidelity": fidelity,
-                "parameters": sum(p.numel() for p in module.parameters()), "export_seconds": round(time.monotonic() - t0, 2),
-            }
-            progress(f"[{spec.name}] done in {time.monotonic() - t0:.1f}s: max|err| {fidelity['max_abs_err']:.2e}, "
-                     f"cosine {fidelity['cosine']:.6f}")
-            del module, wrapped, owner
-            gc.collect()
+            components[spec.name], records = export_one(folder, spec, w.tmp / spec.name, opts.loras, progress)
+            lora_records = records or lora_records
         for name in fam.tokenizers + ("scheduler",):
             if folder.present(name):
                 shutil.copytree(folder.path / name, w.tmp / name)
@@ -163,6 +155,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "family": fam.name,
             "source": _source_identity(folder),
             "precision": opts.precision,
+            "text_encoder_precision": "fp8" if fp8_encoders else "fp32",
             "pipeline": {"is_distilled": bool(folder.index.get("is_distilled", False)),
                          "vae_scale_factor": vae_scale_factor(folder), "patch": fam.patch},
             "components": components,
@@ -175,51 +168,88 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "exporter": _versions(),
             "export_seconds": round(time.monotonic() - started, 2),
         }
-        if opts.precision == "fp8":
-            quantize_transformer(opts, fam, manifest, w.tmp, prompts, progress)
+        if opts.precision == "fp8" or fp8_encoders:
+            quantize_components(opts, fam, manifest, w.tmp, prompts, fp8_encoders, progress)
         if opts.target != "onnx":
             manifest["engines"] = build_engines(opts, fam, manifest, w.tmp, progress)
         return w.commit(manifest)
 
 
-def quantize_transformer(opts: ExportOptions, fam, manifest: dict, root: Path, prompts: list[str],
-                         progress: Progress) -> None:
-    """Calibrate on the real sampler, quantize the transformer to FP8 with ModelOpt, measure what it cost."""
+def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, prompts: list[str],
+                        encoders: tuple[str, ...], progress: Progress) -> None:
+    """FP8 where asked: the text encoders, calibrated on the calibration prompts as the pipeline tokenizes
+    them; then the transformer, calibrated on the real sampler fed by those encoders, as it will run. Each is
+    measured against its FP32 export, then the whole bundle's images against the all-FP32 bundle's."""
     from app.runtime.manifest import Bundle
     from export import calibrate
-    from export.fp8 import fidelity, quantize_fp8
-    from export.fp8_policy import fp8_exclude_patterns
+    from export.fp8_policy import (TEXT_ENCODER_HIGH_PRECISION, fp8_exclude_patterns,
+                                   text_encoder_fp8_exclude_patterns)
 
     fp32 = Bundle(root, manifest, "provisional")
-    size = opts.calibration_size
-    feeds = calibrate.capture(fp32, "transformer", prompts, opts.calibration_count, size, progress)
-    held_out = feeds[-max(1, len(feeds) // 8):]
-    src, dst = root / "transformer" / "model.onnx", root / "transformer_fp8" / "model.onnx"
-    dst.parent.mkdir()
-    report = quantize_fp8(src, dst, feeds, fp8_exclude_patterns(fam.name),
-                          progress=lambda m: progress(f"[transformer] {m}"))
-    cos = fidelity(src, dst, held_out)
+    current, cosines = fp32, {}
+    if encoders:
+        # Held out: the fixed image prompts, never calibrated on.
+        feeds = calibrate.capture_encoders(fp32, encoders, prompts[: opts.calibration_count], progress)
+        held_out = calibrate.capture_encoders(fp32, encoders, [p for p, _ in calibrate.FIDELITY_CASES],
+                                              lambda _m: None)
+        for name in encoders:
+            cosines[name] = _quantize_component(root, manifest, name, feeds[name], held_out[name],
+                                                text_encoder_fp8_exclude_patterns(fam.name, name),
+                                                TEXT_ENCODER_HIGH_PRECISION, progress)
+            current = calibrate.with_component(current, name, f"{name}_fp8/model.onnx")
+    if opts.precision == "fp8":
+        feeds = calibrate.capture(current, "transformer", prompts, opts.calibration_count,
+                                  opts.calibration_size, progress)
+        k = max(1, len(feeds) // 8)  # the last sampler steps are held out of calibration
+        calib, held_out = (feeds[:-k], feeds[-k:]) if len(feeds) > k else (feeds, feeds)
+        cosines["transformer"] = _quantize_component(root, manifest, "transformer", calib, held_out,
+                                                     fp8_exclude_patterns(fam.name), "fp16", progress)
+        current = calibrate.with_component(current, "transformer", "transformer_fp8/model.onnx")
     progress("[fidelity] FP8 vs FP32 images on fixed prompts and seeds")
-    ref = calibrate.images(fp32, size)
-    fp8 = calibrate.images(calibrate.with_component(fp32, "transformer", "transformer_fp8/model.onnx"), size)
+    ref = calibrate.images(fp32, opts.calibration_size)
+    fp8 = calibrate.images(current, opts.calibration_size)
     image_psnr = [calibrate.psnr(a, b) for a, b in zip(ref, fp8)]
-    shutil.rmtree(root / "transformer")
-    dst.parent.rename(root / "transformer")
-    entry = manifest["components"]["transformer"]
+    for name in cosines:  # the FP8 files replace the FP32 ones only now: the reference images needed those
+        shutil.rmtree(root / name)
+        (root / f"{name}_fp8").rename(root / name)
+    manifest["fidelity"] = {"image_psnr_vs_fp32_db": min(image_psnr),
+                            "image_psnr_per_case_db": [round(p, 2) for p in image_psnr],
+                            "image_cases": [list(c) for c in calibrate.FIDELITY_CASES],
+                            "fp8_components": list(cosines), "output_cosine_min": cosines}
+    if "transformer" in cosines:
+        manifest["fidelity"]["transformer_cosine"] = cosines["transformer"]
+    progress(f"[fidelity] image PSNR vs FP32 {min(image_psnr):.1f} dB with "
+             f"{', '.join(cosines)} in FP8")
+
+
+def _quantize_component(root: Path, manifest: dict, name: str, calibration: list, held_out: list,
+                        patterns: tuple[str, ...], high_precision: str, progress: Progress) -> float:
+    """Quantize one exported component to `<name>_fp8/`, record what and how well in its manifest entry;
+    returns its worst output cosine vs FP32 on `held_out`."""
+    from export.fp8 import fidelity, quantize_fp8
+
+    src, dst = root / name / "model.onnx", root / f"{name}_fp8" / "model.onnx"
+    dst.parent.mkdir()
+    report = quantize_fp8(src, dst, calibration, patterns, progress=lambda m: progress(f"[{name}] {m}"),
+                          high_precision=high_precision)
+    cos = fidelity(src, dst, held_out)
+    entry = manifest["components"][name]
     entry["precision"] = "fp8"
     entry["runs_on"] = ["tensorrt-rtx (sm89+)", "tensorrt (sm89+)", "onnxruntime (reference speed only)"]
     entry["fp8"] = {k: v for k, v in report.items() if k not in ("quantized_nodes", "excluded_nodes")}
     entry["fp8"].update(quantized=len(report["quantized_nodes"]), excluded_nodes=report["excluded_nodes"],
-                        exclude_patterns=list(fp8_exclude_patterns(fam.name)),
+                        exclude_patterns=list(patterns),
                         size_ratio_vs_fp32=round(report["bytes_fp8"] / report["bytes_fp32"], 3))
     entry["fidelity_fp8"] = {"output_cosine_min": cos["cosine_min"], "output_cosine_mean": cos["cosine_mean"],
                              "max_abs_err": cos["max_abs_error"], "held_out_samples": cos["samples"],
-                             "image_psnr_vs_fp32_db": [round(p, 2) for p in image_psnr],
-                             "image_cases": [list(c) for c in calibrate.FIDELITY_CASES]}
-    manifest["fidelity"] = {"image_psnr_vs_fp32_db": min(image_psnr), "transformer_cosine": cos["cosine_min"]}
-    progress(f"[fidelity] transformer output cosine {cos['cosine_min']:.5f} (held-out), image PSNR vs FP32 "
-             f"{min(image_psnr):.1f} dB, file {report['bytes_fp8'] / 2**20:.1f} MiB vs {report['bytes_fp32'] / 2**20:.1f}"
-             " MiB FP32")
+                             "outputs": cos["outputs"]}
+    if not cos["finite"]:
+        raise EdgegenError(f"the FP8 {name} produced NaN or Inf on held-out inputs; export it with "
+                           f"{'--precision' if name == 'transformer' else '--text-encoder-precision'} fp32")
+    progress(f"[fidelity] {name} output cosine {cos['cosine_min']:.5f} (held-out, vs FP32), "
+             f"{len(report['quantized_nodes'])} layers FP8, file {report['bytes_fp8'] / 2**20:.1f} MiB vs "
+             f"{report['bytes_fp32'] / 2**20:.1f} MiB FP32")
+    return cos["cosine_min"]
 
 
 def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress: Progress) -> list[dict]:
@@ -247,18 +277,68 @@ def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress
     return records
 
 
-def _check(spec, wrapped, onnx_path: Path, samples: list[dict]) -> dict:
+def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Progress = print) -> tuple[dict, list]:
+    """Load, export and check one component; returns its manifest entry and the LoRA records (if fused here).
+
+    Memory: one FP32 copy of the component plus one tensor at any time. The PyTorch reference outputs are
+    computed first, then the module is dropped, so the graph is the weights' only holder while it is written
+    (transposes deferred, tensor by tensor), and it is gone before ONNX Runtime maps the file to check it."""
+    t0 = time.monotonic()
+    fam = folder.family
+    progress(f"[{spec.name}] loading {spec.source} from {folder.path.name}")
+    module = load_component(folder, spec.source)
+    lora_records: list = []
+    if spec.role == "transformer" and loras:
+        progress(f"[{spec.name}] fusing {len(loras)} LoRA(s)")
+        lora_records = fuse_loras(module, folder.index["_class_name"], loras)
+    wrapped = wrap(spec, module)
+    owner = SimpleNamespace(**{spec.source: module})
+    (r0, c0), (r1, c1) = fam.trace_grids
+    samples = [fam.sample_inputs(owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT),
+               fam.sample_inputs(owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT)]
+    references = [_reference(spec, wrapped, s) for s in samples]
+    parameters = sum(p.numel() for p in module.parameters())
+    external = needs_external_data(module)
+    progress(f"[{spec.name}] exporting to ONNX (dynamo)")
+    program = trace_component(spec, wrapped, samples[0])
+    del module, wrapped, owner
+    gc.collect()
+    onnx_path = save_component(program, spec, out_dir, external)
+    del program
+    gc.collect()
+    progress(f"[{spec.name}] checking ONNX Runtime against PyTorch on two shapes")
+    fidelity = _check(spec, onnx_path, samples, references)
+    entry = {
+        "role": spec.role, "source": spec.source, "class": folder.index[spec.source][1],
+        "onnx": f"{spec.name}/model.onnx", "precision": "fp32", "runs_on": ["onnxruntime", "tensorrt-rtx", "tensorrt"],
+        **_io(spec, onnx_path), "fidelity": fidelity,
+        "parameters": parameters, "export_seconds": round(time.monotonic() - t0, 2),
+    }
+    progress(f"[{spec.name}] done in {time.monotonic() - t0:.1f}s: max|err| {fidelity['max_abs_err']:.2e}, "
+             f"cosine {fidelity['cosine']:.6f}")
+    return entry, lora_records
+
+
+def _reference(spec, wrapped, sample: dict) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        ref = wrapped(*[sample[t.name] for t in spec.inputs])
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    return {o.name: r.numpy() for o, r in zip(spec.outputs, ref)}
+
+
+def _check(spec, onnx_path: Path, samples: list[dict], references: list[dict]) -> dict:
+    """ONNX Runtime vs the PyTorch outputs on each sample. Prepacking is off: it would copy every weight
+    (a second model in memory) to speed up a session that runs twice."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
     worst = {"max_abs_err": 0.0, "cosine": 1.0, "shapes": []}
-    for sample in samples:
-        with torch.no_grad():
-            ref = wrapped(*[sample[t.name] for t in spec.inputs])
-        ref = ref if isinstance(ref, tuple) else (ref,)
+    for sample, ref in zip(samples, references):
         got = sess.run(None, {k: v.numpy() for k, v in sample.items()})
-        c = compare({o.name: r.numpy() for o, r in zip(spec.outputs, ref)},
-                    {o.name: np.asarray(g) for o, g in zip(spec.outputs, got)})
+        c = compare(ref, {o.name: np.asarray(g) for o, g in zip(spec.outputs, got)})
         worst["max_abs_err"] = max(worst["max_abs_err"], c["max_abs_err"])
         worst["cosine"] = min(worst["cosine"], c["cosine"])
         worst["shapes"].append({k: list(v.shape) for k, v in sample.items()})

@@ -43,6 +43,42 @@ FP8_EXCLUDE: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Text encoders are FP8 only on request (--text-encoder-precision fp8), and whatever is not FP8 in them stays
+# FP32: T5 overflows FP16 (transformers keeps T5's FFN output projection `wo` in FP32 for that reason,
+# T5PreTrainedModel._keep_in_fp32_modules), and a prompt embedding feeds every step of every image. Only
+# linear layers (MatMul weights) are ever quantized, so token/position embeddings (Gather) and norms stay
+# FP32 by construction; they are listed anyway, so the manifest names everything kept high precision and a
+# graph that lost its module paths fails loudly instead of quantizing what the list protects.
+TEXT_ENCODER_HIGH_PRECISION = "fp32"
+_CLIP = (
+    _module("embeddings"),
+    _module(r"(?:layer_norm[12]|final_layer_norm)"),
+    # The pooled projection conditions the time/text embedder, i.e. the modulation of every transformer block.
+    _module("text_projection"),
+)
+TEXT_ENCODER_FP8_EXCLUDE: dict[str, dict[str, tuple[str, ...]]] = {
+    "flux2-klein": {
+        "text_encoder": (  # Qwen3; the prompt embedding stacks hidden_states (9, 18, 27)
+            _module("embed_tokens"),
+            _module(r"(?:input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)"),
+            # hidden_states[27] is the output of layers.26 (hidden_states[0] is the embedding): the last layer
+            # the embedding taps, written into it as is, with no later layer to absorb its error; the deepest
+            # layers also carry the largest activation outliers of an LLM.
+            _module(r"layers\.26"),
+        ),
+    },
+    "sd3.5": {
+        "text_encoder": _CLIP,  # CLIP-L
+        "text_encoder_2": _CLIP,  # CLIP-G
+        "text_encoder_3": (  # T5-XXL
+            _module("embed_tokens"),
+            _module("relative_attention_bias"),
+            _module(r"(?:layer_norm|final_layer_norm)"),
+            _module(r"DenseReluDense\.wo"),  # the FFN output whose activations overflow FP16 (see above)
+        ),
+    },
+}
+
 # Precisions a component may never be built in, from the same upstream practice (FACTS.md): VAE never FP16
 # (BF16/FP32) and never FP8; T5 never FP16 (BF16/FP32). Both are the usual source of FP16 overflow, seen by
 # users as black or NaN images.
@@ -66,3 +102,12 @@ def check_precision(component: str, precision: str) -> None:
     """Raise UsageError when a component is asked for a precision it must never run in."""
     if precision in FORBIDDEN_PRECISIONS.get(component, frozenset()):
         raise UsageError(f"The {component} cannot be built in {precision.upper()}; use BF16 or FP32.")
+
+
+def text_encoder_fp8_exclude_patterns(family: str, component: str) -> tuple[str, ...]:
+    """The regexes of layers that stay FP32 when one of the family's text encoders is quantized to FP8."""
+    try:
+        return TEXT_ENCODER_FP8_EXCLUDE[family][component]
+    except KeyError:
+        raise UsageError(f"No FP8 policy for the {component} of model family {family!r}; "
+                         "use --text-encoder-precision fp32.") from None

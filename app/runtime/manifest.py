@@ -52,8 +52,10 @@ class Bundle:
 
     def rebuild_hint(self) -> str:
         src = self.manifest.get("source", {}).get("path", "MODEL_DIR")
+        text = self.manifest.get("text_encoder_precision", "fp32")
+        text = f" --text-encoder-precision {text}" if text != "fp32" else ""
         return (f"edgegen export --model {src} --out {self.root} --family {self.manifest['family']} "
-                f"--precision {self.precision} --overwrite")
+                f"--precision {self.precision}{text} --overwrite")
 
 
 def read_manifest_bytes(root: Path) -> bytes:
