@@ -40,8 +40,10 @@ demo: $(DEMO_BUNDLE)/manifest.json
 app: $(DEMO_BUNDLE)/manifest.json
 	$(BIN)/edgegen app --bundle $(DEMO_BUNDLE)
 
-bundle: $(STAMP)
-	$(BIN)/python -m installer.build_bundle --out dist
+# The offline installer archive ships the assets (demo model, references) and the exported demo bundle, so
+# `edgegen selftest` works on the air-gapped machine straight after install.
+bundle: $(DEMO_BUNDLE)/manifest.json
+	$(BIN)/python -m installer.build_bundle --out dist --bundle $(DEMO_BUNDLE)
 
 clean:
 	rm -rf $(VENV) out dist build

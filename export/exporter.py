@@ -76,6 +76,19 @@ def _source_identity(folder: ModelFolder) -> dict:
             "model_index_sha256": sha256_file(folder.path / "model_index.json")}
 
 
+def _text_length(folder: ModelFolder) -> dict:
+    """{"max_sequence_length": n} when the model folder's edgegen_defaults.json sets the prompt length its
+    pipeline pads to (Klein only: Flux2KleinPipeline's max_sequence_length, 512 when absent), else {}."""
+    own = folder.path / "edgegen_defaults.json"
+    n = json.loads(own.read_text()).get("max_sequence_length") if own.is_file() else None
+    if n is None:
+        return {}
+    if folder.family.name != "flux2-klein" or not isinstance(n, int) or not 16 <= n <= 512:
+        raise UsageError(f"{own}: max_sequence_length {n!r} is not usable; it must be an integer in 16..512 and "
+                         "only FLUX.2 Klein models may set it")
+    return {"max_sequence_length": n}
+
+
 def _defaults_and_range(folder: ModelFolder, opts: ExportOptions) -> tuple[dict, dict]:
     fam = folder.family
     d = fam.defaults(folder.index, folder.path)
@@ -157,7 +170,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "precision": opts.precision,
             "text_encoder_precision": "fp8" if fp8_encoders else "fp32",
             "pipeline": {"is_distilled": bool(folder.index.get("is_distilled", False)),
-                         "vae_scale_factor": vae_scale_factor(folder), "patch": fam.patch},
+                         "vae_scale_factor": vae_scale_factor(folder), "patch": fam.patch,
+                         **_text_length(folder)},
             "components": components,
             "loras": lora_records,
             "tokenizers": [t for t in fam.tokenizers if folder.present(t)],

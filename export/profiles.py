@@ -12,6 +12,8 @@ def dim_ranges(family: FamilySpec, component: str, size_range: dict, defaults: d
     opt_w, opt_h = defaults["width"], defaults["height"]
     batch_max = 2 if component in family.cfg_batched else 1
     text = family.text_lengths.get(component, 77)
+    if family.name == "flux2-klein":  # a model may pad prompts to fewer tokens (the demo model: 64)
+        text = pipeline.get("max_sequence_length", text)
     grid = {  # the grid the transformer / decoder see
         "latent_height": (lo // scale, opt_h // scale, hi // scale),
         "latent_width": (lo // scale, opt_w // scale, hi // scale),

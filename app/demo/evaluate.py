@@ -1,4 +1,5 @@
-"""Prompt-adherence scores of a demo model folder on held-out prompts, generated with diffusers' own pipeline."""
+"""Prompt-adherence scores of the demo model on held-out prompts: diffusers' own pipeline on the model folder
+(the PyTorch reference), or the edgegen runtime on an exported bundle (--bundle, ONNX Runtime on CPU)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,30 @@ def generate(model: Path, items: list[tuple[str, int]], steps: int | None = None
     out = []
     for prompt, seed in items:
         image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=w, height=h,
+                     max_sequence_length=d.get("max_sequence_length", 512),
                      generator=torch.Generator("cpu").manual_seed(seed)).images[0]
         out.append((prompt, image))
     return out
+
+
+def generate_bundle(bundle_dir: Path, items: list[tuple[str, int]], backend: str = "onnxruntime"):
+    """(prompt, HxWx3 uint8) for each (prompt, seed), through the edgegen runtime at the bundle's defaults."""
+    from app import offline
+
+    offline.set_offline_env()
+    from app.runtime.backends import make_backend
+    from app.runtime.manifest import load_bundle
+    from app.runtime.pipelines import GenerationRequest, make_pipeline
+
+    bundle = load_bundle(Path(bundle_dir))
+    be, _ = make_backend(bundle, backend)
+    try:
+        pipe = make_pipeline(bundle, be)
+        return [(prompt, pipe.generate(GenerationRequest(prompt=prompt, seed=seed)).image) for prompt, seed in items]
+    finally:
+        close = getattr(be, "close", None)
+        if close is not None:
+            close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +57,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("assets/demo-model"))
+    ap.add_argument("--bundle", type=Path, default=None, help="score this exported bundle (ONNX Runtime) instead")
     ap.add_argument("--n", type=int, default=48, help="held-out prompts to draw")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--save", type=Path, default=None, help="also write the images and a contact sheet here")
     ap.add_argument("--json", action="store_true", help="print the per-prompt details as JSON too")
     a = ap.parse_args(argv)
-    items = generate(a.model, split.held_out(a.n), a.steps, a.guidance)
+    if a.bundle:
+        items = generate_bundle(a.bundle, split.held_out(a.n))
+    else:
+        items = generate(a.model, split.held_out(a.n), a.steps, a.guidance)
     result = adherence.score(items)
     for k in adherence.ATTRIBUTES:
         print(f"{k:12s} {result[k]:5.1f} %")
@@ -52,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         a.save.mkdir(parents=True, exist_ok=True)
         sheet = Image.new("RGB", (128 * 8, 128 * ((len(items) + 7) // 8)))
         for i, (_, im) in enumerate(items):
+            im = im if isinstance(im, Image.Image) else Image.fromarray(im)
             im.save(a.save / f"{i:03d}.png")
             sheet.paste(im.resize((128, 128)), (128 * (i % 8), 128 * (i // 8)))
         sheet.save(a.save / "sheet.png")
