@@ -1,5 +1,6 @@
-"""One export through the CLI exercising the whole chain: LoRA fused, FP8 calibrated, TensorRT-RTX engines
-for SM89 and SM120 built on this GPU-less machine, then generation from the bundle."""
+"""One export through the CLI exercising the whole chain: LoRA fused, FP8 calibrated (transformer and, on
+request, the text encoders), TensorRT-RTX engines for SM89 and SM120 built on this GPU-less machine, then
+generation from the bundle."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def sd3_lora(sd3_model, tmp_path_factory):
 def sd3_fp8_bundle(sd3_model, sd3_lora, tmp_path_factory):
     return export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp8", "--precision", "fp8",
                           "--lora", f"{sd3_lora}:0.7", "--calibration-count", "2", "--calibration-size", "64",
+                          "--text-encoder-precision", "fp8",
                           "--target", "tensorrt-rtx", "--sm", "89,120")
 
 
@@ -57,9 +59,37 @@ def test_fp8_transformer_is_standard_qdq_with_fp8_weights(sd3_fp8_bundle):
     for n in model.graph.node:
         if n.name in excluded:
             assert not produced_by_dq & set(n.input), n.name
-    # VAE and text encoders are never FP8
-    for name in ("vae_decoder", "text_encoder", "text_encoder_3"):
-        assert b.components()[name]["precision"] == "fp32"
+    assert b.components()["vae_decoder"]["precision"] == "fp32"  # the VAE is never FP8
+
+
+def test_text_encoders_fp8_on_request(sd3_fp8_bundle, sd3_bundle):
+    from export.fp8_policy import text_encoder_fp8_exclude_patterns
+    from tests.test_export_fp8_cli import assert_policy_kept, dq_fed
+
+    b, fp32 = load_bundle(sd3_fp8_bundle), load_bundle(sd3_bundle)
+    assert b.manifest["text_encoder_precision"] == "fp8"
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        e = b.components()[name]
+        assert e["precision"] == "fp8" and e["fp8"]["high_precision"] == "fp32"
+        model = onnx.load(str(b.onnx_path(name)))
+        assert len({n.name for n in model.graph.node if n.op_type == "MatMul"} & dq_fed(model)) \
+            == e["fp8"]["quantized"] > 0
+        # T5 (and every text encoder) is never FP16: no FP16 tensor or cast anywhere in the graph
+        fp16 = onnx.TensorProto.FLOAT16
+        assert not [i.name for i in model.graph.initializer if i.data_type == fp16]
+        assert not [n.name for n in model.graph.node if n.op_type == "Cast"
+                    and any(a.name == "to" and a.i == fp16 for a in n.attribute)]
+        patterns = text_encoder_fp8_exclude_patterns("sd3.5", name)
+        assert e["fp8"]["exclude_patterns"] == list(patterns)
+        assert_policy_kept(fp32.onnx_path(name), b.onnx_path(name), patterns, e["fp8"]["excluded_nodes"])
+        # measured on the tiny SD3 (two held-out prompts and their CFG negatives): 0.990 (CLIP-L pooled),
+        # 0.998 (CLIP-G), 0.999 (T5)
+        f = e["fidelity_fp8"]
+        assert f["output_cosine_min"] > 0.98 and f["held_out_samples"] == 4 and set(f["outputs"]) == {
+            o["name"] for o in e["outputs"]}
+    fid = b.manifest["fidelity"]
+    assert set(fid["fp8_components"]) == {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer"}
+    assert set(fid["output_cosine_min"]) == set(fid["fp8_components"])
 
 
 def test_fidelity_recorded_and_close_to_fp32(sd3_fp8_bundle):
