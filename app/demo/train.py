@@ -301,7 +301,8 @@ def train(out: Path, seed: int, minutes: float, cache: Path | None = None, threa
     vae_key = hashlib.sha256(json.dumps([seed, threads, KL_WEIGHT, asdict(SIZE), asdict(p)["vae_crop_steps"],
                                          asdict(p)["vae_full_steps"]]).encode() + images.numpy().tobytes())
     vae_cached = cache / f"vae-{vae_key.hexdigest()[:16]}.pt" if cache else None
-    if vae_cached and vae_cached.exists():  # a pure cache: the same weights this run would train
+    from_cache = bool(vae_cached and vae_cached.exists())
+    if from_cache:  # a pure cache: the same weights this run would train
         state = torch.load(vae_cached)
         pipe.vae.load_state_dict(state["vae"])
         gen.set_state(state["gen"])
@@ -330,7 +331,7 @@ def train(out: Path, seed: int, minutes: float, cache: Path | None = None, threa
     pipe.register_to_config(is_distilled=True)
 
     _write(pipe, out, {"seed": seed, "minutes": minutes, "threads": threads, "plan": asdict(p), "size": asdict(SIZE),
-                       "train_minutes_wall": round((time.time() - log.t0) / 60, 1)})
+                       "train_minutes_wall": round((time.time() - log.t0) / 60, 1), "vae_from_cache": from_cache})
     log(f"saved {out}")
     return out
 

@@ -43,7 +43,6 @@ def plan(bundle: Bundle, model_dir: Path, gpus: list, ort_providers: list[str] |
 
     `ort_providers` None means ONNX Runtime is not installed (a failure: nothing generates without it)."""
     from app.runtime.backends import OrtBackend, TorchBackend
-    from app.runtime.doctor import overwriting
     from app.runtime.trt_backend import LABELS, TensorRTBackend, find_engine, rebuild_command
 
     prec = THRESHOLD_DB.get(bundle.precision, THRESHOLD_DB["fp8"])
@@ -76,14 +75,14 @@ def plan(bundle: Bundle, model_dir: Path, gpus: list, ort_providers: list[str] |
             c.skip = f"not run — {LABELS[flavour]} is not installed"
         elif not engines:
             c.skip = (f"not run — the self-test bundle has no {LABELS[flavour]} engines; build them for this GPU "
-                      f"with: {overwriting(rebuild_command(source, bundle.root, gpu.sm, bundle.precision))}")
+                      f"with: {rebuild_command(source, bundle.root, gpu.sm, bundle.precision)}")
         else:
             bad = [find_engine(recs, gpu.sm, installed)[1] for recs in engines.values()]
             bad = [reasons[0] for reasons in bad if reasons]
             missing = sorted(set(bundle.components()) - set(engines))
             if bad:
                 c.skip = (f"not run — an engine cannot run here ({bad[0]}); rebuild with: "
-                          f"{overwriting(rebuild_command(source, bundle.root, gpu.sm, bundle.precision))}")
+                          f"{rebuild_command(source, bundle.root, gpu.sm, bundle.precision)}")
             elif missing:
                 c.skip = f"not run — the bundle has no {LABELS[flavour]} engine for {', '.join(missing)}"
             elif not torch_cuda:
