@@ -20,7 +20,7 @@ from tests.conftest import export_via_cli
 from tests.test_bad_input import assert_one_line
 from tests.test_spine import psnr
 
-# Measured on the tiny random Klein (64 px, 4 steps, three prompts/seeds): FP8 vs FP32 image PSNR 65.0-65.2 dB.
+# Measured on the tiny random Klein (64 px, 4 steps, three prompts/seeds): FP8 vs FP32 image PSNR 65.0-65.2.
 KLEIN_FP8_MIN_PSNR = 50.0
 
 
