@@ -45,7 +45,9 @@ def plan(bundle: Bundle, model_dir: Path, gpus: list, ort_providers: list[str] |
     from app.runtime.backends import OrtBackend, TorchBackend
     from app.runtime.trt_backend import LABELS, TensorRTBackend, find_engine, rebuild_command
 
-    prec = THRESHOLD_DB.get(bundle.precision, THRESHOLD_DB["fp8"])
+    # Any FP8 component (transformer or, on request, text encoders) makes the bundle an FP8 bundle here.
+    fp8 = bundle.manifest.get("text_encoder_precision") == "fp8"
+    prec = THRESHOLD_DB["fp8"] if fp8 else THRESHOLD_DB.get(bundle.precision, THRESHOLD_DB["fp8"])
     gpu = gpus[0] if gpus else None
     out = [Candidate("torch", "PyTorch reference", THRESHOLD_DB["fp32"], skip=None if (
         Path(model_dir) / "model_index.json").is_file() else f"not run — the model folder {model_dir} is not here",
