@@ -313,12 +313,18 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
     references = [_reference(spec, wrapped, s) for s in samples]
     parameters = sum(p.numel() for p in module.parameters())
     external = needs_external_data(module)
+    weights = [*module.parameters(), *module.buffers()]
     progress(f"[{spec.name}] exporting to ONNX (dynamo)")
     program = trace_component(spec, wrapped, samples[0])
     del module, wrapped, owner
     gc.collect()
     onnx_path = save_component(program, spec, out_dir, external)
     del program
+    # Free the weights' storage explicitly: onnxscript's module-level rewrite rules keep the last graph they
+    # matched (and through it the exported tensors) alive, so dropping our references alone frees nothing.
+    for t in weights:
+        t.data = torch.empty(0, dtype=t.dtype)
+    del weights
     gc.collect()
     progress(f"[{spec.name}] checking ONNX Runtime against PyTorch on two shapes")
     fidelity = _check(spec, onnx_path, samples, references)

@@ -33,10 +33,20 @@ def export_component(
     spec: ComponentSpec, module: torch.nn.Module, sample: dict[str, torch.Tensor], out_dir: Path
 ) -> Path:
     """Trace `module` on `sample` (batch >= 2 so batch stays dynamic) and write out_dir/model.onnx."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
+    external = needs_external_data(module)
+    path = save_component(trace_component(spec, module, sample), spec, out_dir, external)
+    gc.collect()
+    return path
+
+
+def needs_external_data(module: torch.nn.Module) -> bool:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+
+
+def trace_component(spec: ComponentSpec, module: torch.nn.Module, sample: dict[str, torch.Tensor]):
+    """The dynamo exporter's ONNXProgram for `module`. Its initializers are the module's own tensors (no
+    copy), so a caller that drops the module afterwards leaves the graph as the weights' only holder."""
     args = tuple(sample[t.name] for t in spec.inputs)
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -44,14 +54,58 @@ def export_component(
             module, args, input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
             dynamic_shapes=tuple(_dynamic_shapes(spec, sample)[t.name] for t in spec.inputs),
-            dynamo=True, optimize=False, verbose=False, external_data=param_bytes > EXTERNAL_DATA_BYTES,
+            dynamo=True, optimize=False, verbose=False,
         )
     _name_dims(program.model, spec)
+    return program
+
+
+def save_component(program, spec: ComponentSpec, out_dir: Path, external: bool) -> Path:
+    """Optimise and write `program` to out_dir/model.onnx (+ model.onnx.data when `external`).
+
+    Peak memory stays at one copy of the weights plus one tensor: weight transposes are deferred to the
+    write (see defer_weight_transposes), and the file is written tensor by tensor."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.onnx"
+    defer_weight_transposes(program.model)
     optimize(program.model)
-    program.save(str(path), external_data=param_bytes > EXTERNAL_DATA_BYTES)
-    del program
-    gc.collect()
+    program.save(str(path), external_data=external)
     return path
+
+
+def defer_weight_transposes(model) -> int:
+    """Replace each Transpose(weight initializer) by an initializer that is transposed only when written.
+
+    The dynamo exporter writes every nn.Linear as MatMul(x, Transpose(W)). The optimiser always folds such
+    transposes, materialising a transposed copy of every weight while the originals are still held: two
+    copies of the model at once (31 GB for Klein 4B in FP32). A lazy tensor holds only a reference to W and
+    produces W^T when the saver asks for its bytes, one tensor at a time. Returns how many were deferred."""
+    import onnx_ir as ir
+
+    graph, deferred = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        if (src is None or not src.is_initializer() or src.const_value is None or len(src.uses()) != 1
+                or out.is_graph_output() or src.is_graph_input()):
+            continue
+        tensor = src.const_value
+        attr = node.attributes.get("perm")
+        perm = tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(len(tensor.shape))))
+        shape = ir.Shape([tensor.shape[i] for i in perm])
+
+        def transposed(t=tensor, perm=perm):
+            return ir.tensor(np.ascontiguousarray(t.numpy().transpose(perm)))
+
+        weight = ir.Value(name=f"{src.name}.T", shape=shape, type=ir.TensorType(tensor.dtype),
+                          const_value=ir.LazyTensor(transposed, dtype=tensor.dtype, shape=shape, name=f"{src.name}.T"))
+        out.replace_all_uses_with(weight)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(src.name)
+        graph.register_initializer(weight)
+        deferred += 1
+    return deferred
 
 
 def optimize(model) -> None:

@@ -158,7 +158,25 @@ def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPU
     )
 
 
-def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True):
+@dataclass(frozen=True)
+class SD3Size:
+    """Shape knobs of an SD3.5-architecture model. Defaults: tiny, for tests."""
+
+    layers: int = 2
+    heads: int = 2
+    head_dim: int = 16
+    dual_attention_layers: tuple[int, ...] = (0,)
+    clip_hidden: int = 32  # both CLIP stand-ins (the real ones: 768 and 1280); pooled = 2 * clip_hidden
+    clip_layers: int = 2
+    t5_width: int = 32  # = joint_attention_dim (real: 4096 >= the two CLIP widths together, which are padded)
+    t5_heads: int = 2
+    t5_layers: int = 2
+    vae_channels: tuple[int, ...] = (32, 32)
+    vae_layers_per_block: int = 1
+    pos_embed_max_size: int = 64
+
+
+def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True, size: SD3Size = SD3Size()):
     """A StableDiffusion3Pipeline of the real classes (two CLIPs, T5, MMDiT, VAE) with random weights."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers import StableDiffusion3Pipeline
@@ -170,31 +188,37 @@ def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True
     def clip(hidden: int, proj: int):
         return CLIPTextModelWithProjection(
             CLIPTextConfig(
-                vocab_size=len(tok1), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                vocab_size=len(tok1), hidden_size=hidden, intermediate_size=hidden * 2,
+                num_hidden_layers=size.clip_layers,
                 num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
                 bos_token_id=tok1.bos_token_id, eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id,
             )
         ).eval()
 
-    text_encoder, text_encoder_2 = clip(32, 32), clip(32, 32)
+    c = size.clip_hidden
+    text_encoder, text_encoder_2 = clip(c, c), clip(c, c)
     tok3 = t5_tokenizer(corpus) if t5 else None
     text_encoder_3 = (
         T5EncoderModel(
-            T5Config(vocab_size=len(tok3), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+            T5Config(vocab_size=len(tok3), d_model=size.t5_width, d_ff=2 * size.t5_width, d_kv=16,
+                     num_layers=size.t5_layers, num_heads=size.t5_heads, decoder_start_token_id=0, pad_token_id=0,
+                     eos_token_id=1)
         ).eval()
         if t5
         else None
     )
+    inner = size.heads * size.head_dim
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
-        pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm",
+        sample_size=32, patch_size=2, in_channels=16, num_layers=size.layers, attention_head_dim=size.head_dim,
+        num_attention_heads=size.heads, joint_attention_dim=size.t5_width, caption_projection_dim=inner,
+        pooled_projection_dim=2 * c, out_channels=16, pos_embed_max_size=size.pos_embed_max_size,
+        dual_attention_layers=size.dual_attention_layers, qk_norm="rms_norm",
     ).eval()
+    n = len(size.vae_channels)
     vae = AutoencoderKL(
-        block_out_channels=(32, 32), in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=16, layers_per_block=1, norm_num_groups=32, sample_size=32,
+        block_out_channels=size.vae_channels, in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        latent_channels=16, layers_per_block=size.vae_layers_per_block, norm_num_groups=32, sample_size=32,
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
