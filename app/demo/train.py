@@ -40,6 +40,11 @@ TEXT_LEN = 64  # every caption with the chat template fits in 32 tokens; the bun
 DEFAULTS = {"steps": 4, "guidance": 1.0, "width": shapes.SIZE, "height": shapes.SIZE,
             "min_size": shapes.SIZE, "max_size": shapes.SIZE,  # trained at 128x128 only: other sizes are refused
             "max_sequence_length": TEXT_LEN}  # Flux2KleinPipeline's argument; the exporter carries it
+# The sampler's schedule, stored in the model folder's scheduler config (so diffusers and every edgegen backend
+# follow it): evenly spaced sigmas 1, 0.75, 0.5, 0.25 at the default 4 steps. Klein's dynamic shift (mu ~1.95 at
+# 64 latent tokens) would visit 1, 0.95, 0.88, 0.70 and then jump to the image from 70 % noise, which paints the
+# average of every shape that fits the caption: round blobs.
+SCHEDULE = {"use_dynamic_shifting": False, "shift": 1.0}
 SHAPE_WEIGHT = 3.0  # extra loss weight on the latent tokens the shape covers (an eighth of the image)
 DIT_LR = 8e-4
 KL_WEIGHT = 0.1  # strong enough that unused channels collapse and the decoder learns to tolerate noise
@@ -180,6 +185,15 @@ def prompt_embeds(pipe, captions: list[str], cache: Path | None, log) -> torch.T
     return emb
 
 
+def _shift(pipe, u: torch.Tensor, steps: int) -> torch.Tensor:
+    """Uniform draws through the time shift the scheduler applies at inference."""
+    c = pipe.scheduler.config
+    if c.use_dynamic_shifting:
+        m = math.exp(_mu(pipe, steps))
+        return m / (m + (1 / u - 1))
+    return c.shift * u / (1 + (c.shift - 1) * u)
+
+
 def _mu(pipe, steps: int) -> float:
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
@@ -242,7 +256,6 @@ def train_transformer(pipe, lat, emb, cap_of, weights, p: Plan, gen: torch.Gener
     ema = {k: v.detach().clone() for k, v in tr.state_dict().items()}
     opt = torch.optim.AdamW(tr.parameters(), lr=DIT_LR, weight_decay=0.0, betas=(0.9, 0.99))
     sig_inf = inference_sigmas(pipe, DEFAULTS["steps"])
-    mu = _mu(pipe, DEFAULTS["steps"])  # the pipeline's time shift, applied to uniform draws
     img_ids = pipe._prepare_latent_ids(torch.zeros(1, 128, 8, 8))[0]
     txt_ids = pipe._prepare_text_ids(emb[:1])[0]
     total = p.dit_steps
@@ -253,7 +266,7 @@ def train_transformer(pipe, lat, emb, cap_of, weights, p: Plan, gen: torch.Gener
         x0 = lat[idx]
         pick = torch.randint(len(sig_inf), (b,), generator=gen)
         u = torch.rand(b, generator=gen).clamp(1e-3, 1.0)
-        shifted = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        shifted = _shift(pipe, u, DEFAULTS["steps"])
         sigma = torch.where(torch.rand(b, generator=gen) < 0.5, sig_inf[pick], shifted)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1)
@@ -289,6 +302,7 @@ def train(out: Path, seed: int, minutes: float, cache: Path | None = None, threa
     log(f"plan {asdict(p)}")
     torch.manual_seed(seed)
     pipe = build_klein(SIZE, corpus=tokenizer_corpus(), seed=seed)
+    pipe.scheduler = pipe.scheduler.__class__.from_config({**pipe.scheduler.config, **SCHEDULE})
     set_text_encoder(pipe.text_encoder, pipe.tokenizer)
     gen = torch.Generator().manual_seed(seed)
 
