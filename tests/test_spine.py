@@ -109,6 +109,40 @@ def test_count_writes_one_file_per_seed_with_metadata(klein_bundle, tmp_path, ca
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(files[-1])
 
 
+def test_prompt_embeddings_are_reused_across_seeds_and_only_then(sd3_bundle):
+    """--count N and repeated draws encode a prompt once; the images are the ones a fresh pipeline draws."""
+    from app.runtime.backends import OrtBackend
+    from app.runtime.pipelines import GenerationRequest, make_pipeline
+
+    bundle = load_bundle(sd3_bundle)
+    calls: list[str] = []
+
+    class Counting(OrtBackend):
+        def run(self, component, inputs):
+            calls.append(component)
+            return super().run(component, inputs)
+
+    pipe = make_pipeline(bundle, Counting(bundle))
+    long_prompt = "a lighthouse " * 60  # > 77 CLIP tokens: a truncation warning that must survive reuse
+    req = lambda **k: GenerationRequest(**{"prompt": long_prompt, "negative_prompt": "blurry", "seed": 1,  # noqa: E731
+                                           "steps": 2, "guidance": 4.5, "width": 32, "height": 32, **k})
+    first = pipe.generate(req())
+    encoders = lambda: sum(c.startswith("text_encoder") for c in calls)  # noqa: E731
+    per_prompt = encoders()
+    assert per_prompt == 6  # CLIP-L, CLIP-G, T5 for the prompt and for the negative prompt (CFG)
+    second = pipe.generate(req(seed=2))
+    assert encoders() == per_prompt  # reused
+    assert second.warnings == first.warnings and any("CLIP" in w for w in first.warnings)
+    fresh = make_pipeline(bundle, OrtBackend(bundle)).generate(req(seed=2))
+    assert np.array_equal(second.image, fresh.image)
+    assert not np.array_equal(first.image, second.image)
+    for changed in (dict(prompt="a barn"), dict(negative_prompt="dark"), dict(guidance=1.0)):
+        before = encoders()
+        out = pipe.generate(req(**changed))
+        assert encoders() > before, changed
+        assert np.array_equal(out.image, make_pipeline(bundle, OrtBackend(bundle)).generate(req(**changed)).image)
+
+
 def test_interrupted_export_leaves_nothing_that_loads(sd3_model, tmp_path, monkeypatch):
     import export.exporter as ex
 

@@ -47,6 +47,9 @@ class Pipeline:
     def __init__(self, bundle: Bundle, backend: Backend):
         self.bundle, self.backend = bundle, backend
         self.warnings: list[str] = []
+        # The last prompt's embeddings (and its warnings), reused while prompt, negative prompt and guidance stay
+        # the same: --count N and repeated draws in the app encode once. Nothing downstream mutates them.
+        self._last_cond: tuple[tuple, object, list[str]] | None = None
 
     # ----- shared -----------------------------------------------------------------------------------------
     def resolve(self, req: GenerationRequest) -> GenerationRequest:
@@ -106,7 +109,7 @@ class Pipeline:
         self.warnings = []
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        cond = self.encode(req)
+        cond = self.encode_cached(req)
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         latents, state = self.initial_latents(req, cond)
@@ -127,6 +130,17 @@ class Pipeline:
         timings["decode"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(image=to_uint8(image), request=req, timings=timings, warnings=list(self.warnings))
+
+    def encode_cached(self, req: GenerationRequest):
+        """encode(req), or the previous result when it was for the same prompt, negative prompt and guidance."""
+        key = (req.prompt, req.negative_prompt, req.guidance)
+        if self._last_cond is not None and self._last_cond[0] == key:
+            self.warnings = list(self._last_cond[2])
+            return self._last_cond[1]
+        self._last_cond = None  # never keep two prompts' embeddings alive at once
+        cond = self.encode(req)
+        self._last_cond = (key, cond, list(self.warnings))
+        return cond
 
     # ----- per family -------------------------------------------------------------------------------------
     def encode(self, req: GenerationRequest): raise NotImplementedError
