@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # The trained demo model ships in assets/; without it, a tiny RANDOM Klein model (it draws noise) stands in.
 DEMO_MODEL  := $(if $(wildcard assets/demo-model/model_index.json),assets/demo-model,out/tiny-random-klein)
 DEMO_BUNDLE := engines/demo
-DEMO_PROMPT := a red circle on a blue background, in the center
+DEMO_PROMPT := a red circle on a blue background
 
 .PHONY: install test demo app bundle clean
 

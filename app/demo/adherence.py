@@ -51,16 +51,23 @@ def _template(kind: str, box: tuple[int, int, int, int], size: int) -> np.ndarra
     return np.asarray(img, dtype=bool)
 
 
+BAND = 4  # pixels along each edge that sample the background
+
+
 def analyse(image) -> dict:
     """The attributes an image shows: background from its border, the shape from what differs from it."""
     a = np.asarray(Image.fromarray(np.asarray(image)).convert("RGB").resize((shapes.SIZE, shapes.SIZE)), np.float64)
     n = shapes.SIZE
-    border = np.concatenate([a[:4].reshape(-1, 3), a[-4:].reshape(-1, 3), a[:, :4].reshape(-1, 3),
-                             a[:, -4:].reshape(-1, 3)])
+    border = np.concatenate([a[:BAND].reshape(-1, 3), a[-BAND:].reshape(-1, 3), a[:, :BAND].reshape(-1, 3),
+                             a[:, -BAND:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
     out = dict.fromkeys(ATTRIBUTES)
     out["background"] = nearest_color(bg_rgb)
     raw = np.sqrt(((a - bg_rgb) ** 2).sum(axis=2)) > 60  # half the closest palette pair's distance
+    # The border band is where the background is read, and no shape reaches it (9+ px away): a 1-px line that
+    # a VAE decoder draws along an image edge would otherwise survive the median filter (the filter extends
+    # edge pixels) and stretch the shape's bounding box to the corner.
+    raw[:BAND], raw[-BAND:], raw[:, :BAND], raw[:, -BAND:] = False, False, False, False
     mask = np.asarray(Image.fromarray(raw.astype(np.uint8) * 255).filter(ImageFilter.MedianFilter(5))) > 127
     if mask.sum() < 40:  # nothing drawn
         return out

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 REFERENCES = [
-    ("a red circle on a blue background, in the center", 0),
+    ("a red circle on a blue background", 0),
     ("a yellow square on a purple background, on the left", 1),
     ("white background with a small green triangle at the top", 2),
     ("a blue circle at the bottom of an orange background", 3),

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=200, help="images to generate (default 200)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     p.add_argument("--size", type=int, help="square size in px (default: the bundle's)")
-    p.add_argument("--prompt", default="a red circle on a blue background, in the center")
+    p.add_argument("--prompt", default="a red circle on a blue background")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle loop measured first, for comparison")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 PROMPTS = (
-    "a red circle on a blue background, in the center",
+    "a red circle on a blue background",
     "green triangle at the top of a white background",
     "a yellow square on the left of a purple background",
     "a blue circle on the right of an orange background",
