@@ -131,6 +131,10 @@ class Pipeline:
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(image=to_uint8(image), request=req, timings=timings, warnings=list(self.warnings))
 
+    def forget_prompt(self) -> None:
+        """Drop the reused embeddings (benchmarks that must encode every draw; freeing memory)."""
+        self._last_cond = None
+
     def encode_cached(self, req: GenerationRequest):
         """encode(req), or the previous result when it was for the same prompt, negative prompt and guidance."""
         key = (req.prompt, req.negative_prompt, req.guidance)
