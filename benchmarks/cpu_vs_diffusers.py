@@ -117,12 +117,9 @@ def edgegen_side(bundle_dir: Path, clock: Clock):
     return run, backend
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def bench_family(family: str, work: Path, rounds: int, say) -> dict:
+    from app.runtime.selftest import psnr
+
     model_dir, bundle = work / f"{family}-model", work / f"{family}-bundle"
     pipe, kw = build(family)
     if not (model_dir / "model_index.json").exists():

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import threading
@@ -37,13 +36,12 @@ SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "
 
 def safetensors_bytes(folder: Path, as_dtype_bytes: int | None = 4) -> int:
     """Bytes of every tensor in folder/*.safetensors, counted at `as_dtype_bytes` per float element."""
+    from app.runtime.planinfo import safetensors_headers
+
     total = 0
     sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1}
-    for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
+    for header in safetensors_headers(folder):
         for name, info in header.items():
             if name == "__metadata__":
                 continue

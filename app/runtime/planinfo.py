@@ -11,7 +11,8 @@ from app.runtime.plan import ComponentInfo
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1, "BOOL": 1}
 
 
-def _headers(folder: Path):
+def safetensors_headers(folder: Path):
+    """The JSON header of every *.safetensors file in a folder, in name order (no weights read)."""
     for f in sorted(Path(folder).glob("*.safetensors")):
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
@@ -20,13 +21,13 @@ def _headers(folder: Path):
 
 def safetensors_names(folder: Path) -> set[str]:
     """Tensor names of every *.safetensors file in a folder, from the headers alone."""
-    return {name for header in _headers(folder) for name in header if name != "__metadata__"}
+    return {name for header in safetensors_headers(folder) for name in header if name != "__metadata__"}
 
 
 def safetensors_params(folder: Path) -> int:
     """Parameter count from the JSON headers of every *.safetensors file in a folder."""
     total = 0
-    for header in _headers(folder):
+    for header in safetensors_headers(folder):
         for name, t in header.items():
             if name != "__metadata__":
                 count = 1
