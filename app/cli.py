@@ -151,12 +151,12 @@ def cmd_export(args) -> int:
         loras=tuple(args.lora), overwrite=args.overwrite,
     )
     if args.sign:  # check the key before a long export, not after it
-        from app.runtime.trust import load_signing_key
+        from app.bundle.trust import load_signing_key
 
         load_signing_key(args.sign)
     out = export_bundle(opts, progress=say)
     if args.sign:
-        from app.runtime.trust import sign_bundle
+        from app.bundle.trust import sign_bundle
 
         say(f"signature: {sign_bundle(out, args.sign).describe()}")
     print(out)
@@ -182,8 +182,10 @@ def cmd_generate(args) -> int:
 def cmd_plan(args) -> int:
     from rich.console import Console
 
-    from app.runtime.plan import make_plan, parse_gpu_option, render_plan
-    from app.runtime.planinfo import components_for
+    from app.planning.components import components_for
+    from app.planning.gpus import parse_gpu_option
+    from app.planning.plan import make_plan
+    from app.planning.render import render_plan
 
     comps, family, defaults = components_for(model=args.model, bundle=args.bundle)
     gpu = parse_gpu_option(args.gpu)
@@ -197,15 +199,25 @@ def cmd_plan(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from app.runtime.doctor import doctor
+    from app.site.doctor import doctor
 
     return doctor(args.bundle, as_json=args.json)
 
 
 def cmd_selftest(args) -> int:
-    from app.runtime.selftest import selftest
+    from app.site.selftest import selftest
 
-    return selftest(model_dir=args.model, references_dir=args.references, bundle_dir=args.bundle)
+    return selftest(model_dir=args.model, references_dir=args.references, bundle_dir=args.bundle,
+                    export=_selftest_export)
+
+
+def _selftest_export(model: Path, out: Path, target: str | None, sms: tuple) -> None:
+    """How the self-test writes its demo bundle when none is installed: the ordinary exporter."""
+    from app.progress import say
+    from export.exporter import ExportOptions, export_bundle
+
+    opts = ExportOptions(model=model, out=out, overwrite=True, **({"target": target, "sms": sms} if target else {}))
+    export_bundle(opts, progress=say)
 
 
 def cmd_app(args) -> int:
@@ -215,8 +227,8 @@ def cmd_app(args) -> int:
 
 
 def cmd_keys(args) -> int:
+    from app.bundle.trust import generate_keypair
     from app.progress import say
-    from app.runtime.trust import generate_keypair
 
     priv, pub = generate_keypair(args.out, args.name)
     say(f"private key {priv} (keep it secret; sign with: edgegen sign --bundle DIR --key {priv})")
@@ -226,7 +238,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_sign(args) -> int:
-    from app.runtime.trust import sign_bundle
+    from app.bundle.trust import sign_bundle
 
     state = sign_bundle(args.bundle, args.key)
     print(f"{args.bundle}: {state.describe()}")
@@ -234,7 +246,7 @@ def cmd_sign(args) -> int:
 
 
 def cmd_trust(args) -> int:
-    from app.runtime import trust
+    from app.bundle import trust
 
     if args.trust_command == "add":
         k = trust.add_trusted_key(args.pubkey, args.name)

@@ -31,8 +31,8 @@ def main(argv=None) -> int:
 
     enforce_offline()
     torch.set_num_threads(a.threads)
-    import app.runtime.backends as backends
-    from app.runtime.manifest import load_bundle
+    import app.runtime.backend as backends
+    from app.bundle.manifest import load_bundle
     from app.runtime.pipelines import GenerationRequest, make_pipeline
 
     default_options = backends.ort_session_options

@@ -99,8 +99,8 @@ def diffusers_side(pipe, clock: Clock):
 
 
 def edgegen_side(bundle_dir: Path, clock: Clock):
-    from app.runtime.backends import OrtBackend
-    from app.runtime.manifest import load_bundle
+    from app.bundle.manifest import load_bundle
+    from app.runtime.ort_backend import OrtBackend
     from app.runtime.pipelines import GenerationRequest, make_pipeline
 
     bundle = load_bundle(bundle_dir)
@@ -118,7 +118,7 @@ def edgegen_side(bundle_dir: Path, clock: Clock):
 
 
 def bench_family(family: str, work: Path, rounds: int, say) -> dict:
-    from app.runtime.selftest import psnr
+    from app.runtime.images import psnr
 
     model_dir, bundle = work / f"{family}-model", work / f"{family}-bundle"
     pipe, kw = build(family)
@@ -180,7 +180,7 @@ def bench_family(family: str, work: Path, rounds: int, say) -> dict:
 
 
 def pin_threads(n: int) -> None:
-    import app.runtime.backends as backends
+    import app.runtime.backend as backends
 
     torch.set_num_threads(n)
     default_options = backends.ort_session_options

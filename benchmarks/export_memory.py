@@ -36,7 +36,7 @@ SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "
 
 def safetensors_bytes(folder: Path, as_dtype_bytes: int | None = 4) -> int:
     """Bytes of every tensor in folder/*.safetensors, counted at `as_dtype_bytes` per float element."""
-    from app.runtime.planinfo import safetensors_headers
+    from app.planning.components import safetensors_headers
 
     total = 0
     sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

@@ -34,11 +34,12 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
+from app.bundle.files import sha256_file
+from app.bundle.manifest import MANIFEST_NAME, SCHEMA_VERSION
 from app.errors import UsageError
-from app.runtime.files import sha256_file
-from app.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
 
 
 class BundleWriter:

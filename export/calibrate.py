@@ -8,9 +8,9 @@ from typing import Callable
 
 import numpy as np
 
+from app.bundle.manifest import Bundle
 from app.errors import UsageError
-from app.runtime.backends import OrtBackend
-from app.runtime.manifest import Bundle
+from app.runtime.ort_backend import OrtBackend
 from app.runtime.pipelines import GenerationRequest, make_pipeline
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "calibration_prompts.txt"
@@ -78,11 +78,6 @@ def images(bundle: Bundle, size: int | None) -> list[np.ndarray]:
     pipe = make_pipeline(bundle, OrtBackend(bundle, "cpu"))
     return [pipe.generate(GenerationRequest(prompt=p, seed=s, width=size, height=size)).image
             for p, s in FIDELITY_CASES]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def with_component(bundle: Bundle, component: str, onnx_rel: str) -> Bundle:

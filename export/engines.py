@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from app.bundle.files import atomic_write_bytes
 from app.errors import EdgegenError, UsageError
-from app.runtime.plan import RTX_TARGET_SMS, normalise_sm, precision_supported
+from app.planning.policy import normalise_sm, precision_supported
+from app.runtime.engine.trt import (  # noqa: F401  (FLAVOURS, FlavourInfo: re-exported for callers)
+    FLAVOURS,
+    FlavourInfo,
+    _logger,
+    _LogSink,
+    flavour_info,
+    import_trt,
+    short_version,
+)
 
 VERIFIED_ON_HARDWARE = False  # no engine built here has been run on a GPU
 VERIFIED_BUILD = {"tensorrt-rtx": True, "tensorrt": False}  # AOT build exercised in tests on CPU
@@ -35,49 +41,6 @@ Progress = Callable[[str], None]
 
 class EngineBuildError(EdgegenError):
     """TensorRT could not parse or build the graph (not the user's doing; exit code 1)."""
-
-
-@dataclass(frozen=True)
-class FlavourInfo:
-    name: str
-    module: str
-    key_prefix: str
-    label: str
-    install_hint: str
-    aot_targets: tuple[str, ...] | None  # None: builds only for the GPU it runs on
-
-
-FLAVOURS: dict[str, FlavourInfo] = {
-    "tensorrt-rtx": FlavourInfo(
-        "tensorrt-rtx", "tensorrt_rtx", "trtrtx", "TensorRT-RTX", "pip install 'edgegen[rtx]'", RTX_TARGET_SMS
-    ),
-    "tensorrt": FlavourInfo(
-        "tensorrt", "tensorrt", "trt", "TensorRT", "install the [gpu] extra from NVIDIA's package index", None
-    ),
-}
-
-
-def flavour_info(flavour: str) -> FlavourInfo:
-    try:
-        return FLAVOURS[flavour]
-    except KeyError:
-        raise UsageError(f"'{flavour}' is not an engine target; use tensorrt-rtx or tensorrt.") from None
-
-
-def import_trt(flavour: str):
-    """The TensorRT module for `flavour`, imported only when an engine is built or run."""
-    fl = flavour_info(flavour)
-    try:
-        return importlib.import_module(fl.module)
-    except Exception as e:  # ImportError, or a bindings wheel whose native libraries are missing
-        raise UsageError(
-            f"{fl.label} is not usable here ({type(e).__name__}: {e}); {fl.install_hint}, "
-            "or export with --target onnx."
-        ) from None
-
-
-def short_version(version: str) -> str:
-    return ".".join(str(version).split(".")[:3])
 
 
 def engine_key(flavour: str, version: str, sm: str, precision: str, profile_desc: str) -> str:
@@ -150,37 +113,7 @@ def graph_precision(onnx_path: Path) -> str:
 # ---------------------------------------------------------------- logging and progress
 
 
-class _LogSink:
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.warnings: list[str] = []
-
-
 _LOGGERS: dict[str, object] = {}
-_LOG_LOCK = threading.Lock()
-
-
-def _logger(trt):
-    """One logger per TensorRT module: TensorRT keeps the first logger it sees for the whole process."""
-    with _LOG_LOCK:
-        if trt.__name__ not in _LOGGERS:
-
-            class CapturingLogger(trt.ILogger):
-                def __init__(self) -> None:
-                    trt.ILogger.__init__(self)
-                    self.sink: _LogSink | None = None
-
-                def log(self, severity, msg):  # called from TensorRT threads; never raise here
-                    sink = self.sink
-                    if sink is None:
-                        return
-                    if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                        sink.errors.append(str(msg))
-                    elif severity == trt.ILogger.Severity.WARNING:
-                        sink.warnings.append(str(msg))
-
-            _LOGGERS[trt.__name__] = CapturingLogger()
-        return _LOGGERS[trt.__name__]
 
 
 def _progress_monitor(trt, emit: Callable[[str], None]):
@@ -226,7 +159,7 @@ def rich_progress(console=None) -> Iterator[Progress]:
 def _resolve_sm(fl: FlavourInfo, sm: str | None, precision: str) -> str:
     local = None
     if sm is None or fl.aot_targets is None:
-        from app.runtime.gpu import current_cuda_gpu, read_gpus
+        from app.planning.devices import current_cuda_gpu, read_gpus
 
         g = current_cuda_gpu() or next(iter(read_gpus()), None)
         local = g.sm if g else None
@@ -265,7 +198,7 @@ def _resolve_sm(fl: FlavourInfo, sm: str | None, precision: str) -> str:
 
 
 def _has_gpu() -> bool:
-    from app.runtime.gpu import read_gpus
+    from app.planning.devices import read_gpus
 
     return bool(read_gpus())
 
@@ -313,28 +246,11 @@ def _io_of(network) -> dict[str, dict]:
     }
 
 
-def write_atomic(path: Path, data) -> tuple[str, int]:
-    """Write bytes-like `data` via a temp file + fsync + os.replace; returns (sha256, size)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    view = memoryview(data).cast("B")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(view)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return hashlib.sha256(view).hexdigest(), view.nbytes
-
-
 def timing_cache_path(version: str, gpu_uuid: str) -> Path:
     """Per-GPU TensorRT timing cache: timings from one GPU are wrong for another (TensorRT demo README)."""
     from platformdirs import user_cache_path
 
-    from app.runtime.gpu import normalise_uuid
+    from app.planning.devices import normalise_uuid
 
     return (
         user_cache_path("edgegen")
@@ -345,7 +261,7 @@ def timing_cache_path(version: str, gpu_uuid: str) -> Path:
 
 def _apply_timing_cache(trt, config, timing_cache: Path | None):
     if timing_cache is None:
-        from app.runtime.gpu import current_cuda_gpu
+        from app.planning.devices import current_cuda_gpu
 
         g = current_cuda_gpu()
         if g is None:
@@ -447,9 +363,9 @@ def build_engine(
                 f"{sink.errors[-1] if sink.errors else 'no error message'}.{hint}"
             )
         build_seconds = time.monotonic() - t0
-        sha, size = write_atomic(out_path, serialized)
+        sha, size = atomic_write_bytes(out_path, serialized)
         if tcache is not None and tcache_path is not None:
-            write_atomic(tcache_path, tcache.serialize())
+            atomic_write_bytes(tcache_path, tcache.serialize())
         io = _io_of(network)
     finally:
         logger.sink = None

@@ -15,10 +15,13 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from app.bundle.families import DYNAMIC_DIMS
+from app.bundle.modelfolder import ModelFolder, inspect_folder
 from app.errors import EdgegenError, UsageError
-from app.runtime.families import DYNAMIC_DIMS
-from app.runtime.modelfolder import ModelFolder, inspect_folder, load_component
-from app.runtime.wrappers import wrap
+from app.models.loading import load_component
+from app.models.samples import sample_inputs
+from app.models.wrappers import wrap
+from app.runtime.images import psnr
 from export.bundle_writer import BundleWriter
 from export.lora import check_loras, fuse_loras
 from export.onnx_export import compare, needs_external_data, save_component, trace_component
@@ -70,7 +73,7 @@ def _versions() -> dict:
 
 
 def _source_identity(folder: ModelFolder) -> dict:
-    from app.runtime.files import sha256_file
+    from app.bundle.files import sha256_file
 
     return {"path": str(folder.path), "name": folder.path.name, "pipeline": folder.index.get("_class_name"),
             "model_index_sha256": sha256_file(folder.path / "model_index.json")}
@@ -194,10 +197,13 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
     """FP8 where asked: the text encoders, calibrated on the calibration prompts as the pipeline tokenizes
     them; then the transformer, calibrated on the real sampler fed by those encoders, as it will run. Each is
     measured against its FP32 export, then the whole bundle's images against the all-FP32 bundle's."""
-    from app.runtime.manifest import Bundle
+    from app.bundle.manifest import Bundle
     from export import calibrate
-    from export.fp8_policy import (TEXT_ENCODER_HIGH_PRECISION, fp8_exclude_patterns,
-                                   text_encoder_fp8_exclude_patterns)
+    from export.fp8_policy import (
+        TEXT_ENCODER_HIGH_PRECISION,
+        fp8_exclude_patterns,
+        text_encoder_fp8_exclude_patterns,
+    )
 
     fp32 = Bundle(root, manifest, "provisional")
     current, cosines = fp32, {}
@@ -222,7 +228,7 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
     progress("[fidelity] FP8 vs FP32 images on fixed prompts and seeds")
     ref = calibrate.images(fp32, opts.calibration_size)
     fp8 = calibrate.images(current, opts.calibration_size)
-    image_psnr = [calibrate.psnr(a, b) for a, b in zip(ref, fp8)]
+    image_psnr = [psnr(a, b) for a, b in zip(ref, fp8)]
     for name in cosines:  # the FP8 files replace the FP32 ones only now: the reference images needed those
         shutil.rmtree(root / name)
         (root / f"{name}_fp8").rename(root / name)
@@ -308,8 +314,8 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
     wrapped = wrap(spec, module)
     owner = SimpleNamespace(**{spec.source: module})
     (r0, c0), (r1, c1) = fam.trace_grids
-    samples = [fam.sample_inputs(owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT),
-               fam.sample_inputs(owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT)]
+    samples = [sample_inputs(fam.name, owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT),
+               sample_inputs(fam.name, owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT)]
     references = [_reference(spec, wrapped, s) for s in samples]
     parameters = sum(p.numel() for p in module.parameters())
     external = needs_external_data(module)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from app.bundle.files import sha256_file
 from app.errors import UsageError
-from app.runtime.files import sha256_file
 
 
 def _read(path: Path, pipeline_class: str) -> dict:
@@ -26,7 +26,7 @@ def check_loras(transformer_dir: Path, pipeline_class: str, loras) -> None:
     """Refuse a LoRA whose layers the transformer does not have, before any minutes of export are spent.
 
     Reads only the safetensors headers of the transformer, not its weights."""
-    from app.runtime.planinfo import safetensors_names
+    from app.planning.components import safetensors_names
 
     weights = safetensors_names(transformer_dir)
     for path, _scale in loras:

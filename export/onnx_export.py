@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.runtime.families import DYNAMIC_DIMS, ComponentSpec
+from app.bundle.families import DYNAMIC_DIMS, ComponentSpec
 
 # Above this many parameter bytes the weights go to an external data file (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 256 * 1024 * 1024

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.runtime.families import FamilySpec
+from app.bundle.families import FamilySpec
 
 
 def dim_ranges(family: FamilySpec, component: str, size_range: dict, defaults: dict, pipeline: dict) -> dict:

@@ -104,8 +104,12 @@ class KleinSize:
 
 def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPUS, seed: int = 0):
     """A Flux2KleinPipeline of the real classes with random weights."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-    from diffusers import Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -178,8 +182,12 @@ class SD3Size:
 
 def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True, size: SD3Size = SD3Size()):
     """A StableDiffusion3Pipeline of the real classes (two CLIPs, T5, MMDiT, VAE) with random weights."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)

@@ -17,8 +17,9 @@ import sysconfig
 import tarfile
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from installer.wheelhouse import REPO, BuildError, PipOptions, fill, pins, project_wheel
 
@@ -113,8 +114,8 @@ def _tree(src: Path, arc: str) -> list[tuple[Path, str]]:
 
 def payload(a: argparse.Namespace) -> list[tuple[Path, str]]:
     """Assets, models (checked as diffusers folders) and bundles (verified) to ship, with archive names."""
-    from app.runtime.manifest import load_bundle
-    from app.runtime.modelfolder import inspect_folder
+    from app.bundle.manifest import load_bundle
+    from app.bundle.modelfolder import inspect_folder
 
     assets = REPO / "assets"
     out = _tree(assets / "icons", "assets/icons") if a.no_assets else _tree(assets, "assets")  # icons: menu entry

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILY = {"klein": "flux2-klein", "sd3": "sd3.5"}
 KLEIN_HEADS, KLEIN_HEAD_DIM = 2, 64  # hidden 128: every linear clears ModelOpt's K, N >= 16 rule
 KLEIN_TEXT = 3 * 32  # 3 stacked hidden states of export.synthetic's 32-wide Qwen3
-_SOURCES = ("tests/_fp8_models.py", "export/synthetic.py", "export/onnx_export.py", "app/runtime/wrappers.py",
-            "app/runtime/families.py")
+_SOURCES = ("tests/_fp8_models.py", "export/synthetic.py", "export/onnx_export.py", "app/models/wrappers.py",
+            "app/models/samples.py", "app/bundle/families.py")
 
 
 def klein_feed(rng: np.random.Generator, batch: int = 1, rows: int = 8, cols: int = 8,
@@ -102,8 +102,9 @@ def _export(name: str, out_dir: Path) -> None:
     """Export the tiny transformer exactly as `edgegen export` does (wrapper, trace shapes, dynamic dims)."""
     from types import SimpleNamespace
 
-    from app.runtime.families import FAMILIES
-    from app.runtime.wrappers import wrap
+    from app.bundle.families import FAMILIES
+    from app.models.samples import sample_inputs
+    from app.models.wrappers import wrap
     from export.onnx_export import export_component
     from export.synthetic import KleinSize, build_klein, build_sd3
 
@@ -115,7 +116,7 @@ def _export(name: str, out_dir: Path) -> None:
     transformer = _make_blocks_matter(pipe.transformer)
     spec = fam.component("transformer")
     (rows, cols), _ = fam.trace_grids
-    sample = fam.sample_inputs(SimpleNamespace(transformer=transformer), "transformer", 2, rows, cols, 16)
+    sample = sample_inputs(fam.name, SimpleNamespace(transformer=transformer), "transformer", 2, rows, cols, 16)
     export_component(spec, wrap(spec, transformer), sample, out_dir)
 
 

@@ -12,8 +12,8 @@ N_REFS = 2
 
 
 def tiny_references(model: Path, tmp: Path) -> tuple[Path, Path]:
-    """(model copy with edgegen_defaults.json, references folder) written with app.demo.references (first N_REFS)."""
-    from app.demo import references
+    """(model copy with edgegen_defaults.json, references folder) written with tools.demo.references (first N_REFS)."""
+    from tools.demo import references
 
     copy = tmp / "tiny-klein"
     shutil.copytree(model, copy)  # same model_index.json, so the session bundle still matches it

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.demo import adherence, shapes, split, text_encoder
-
+from tools.demo import adherence, shapes, split, text_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "assets" / "demo-model"
@@ -112,8 +111,8 @@ def test_text_encoder_parses_every_caption():
     """The constructed Qwen3 writes each caption's attributes into every later token, padding included."""
     import torch
 
-    from app.demo.train import SIZE, tokenizer_corpus
     from export.synthetic import build_klein
+    from tools.demo.train import SIZE, tokenizer_corpus
 
     pipe = build_klein(SIZE, corpus=tokenizer_corpus(), seed=0)
     text_encoder.set_weights(pipe.text_encoder, pipe.tokenizer)
@@ -146,7 +145,7 @@ def demo_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_scores():
-    from app.demo.evaluate import generate
+    from tools.demo.evaluate import generate
 
     return adherence.score(generate(MODEL, split.held_out()))
 
@@ -158,7 +157,7 @@ def test_reference_meets_the_adherence_targets(reference_scores):
 
 
 def test_onnx_bundle_scores_within_two_points_of_reference(demo_bundle, reference_scores):
-    from app.demo.evaluate import generate_bundle
+    from tools.demo.evaluate import generate_bundle
 
     bundle = adherence.score(generate_bundle(demo_bundle, split.held_out()))
     diffs = {k: bundle[k] - reference_scores[k] for k in adherence.ATTRIBUTES}

@@ -13,15 +13,15 @@ from _refs import tiny_references  # tests/ is on sys.path under pytest, as for 
 from PIL import Image
 
 from app.cli import main
-from app.runtime import gpu as gpu_mod
-from app.runtime.gpu import fake_gpu
+from app.planning import devices as gpu_mod
+from app.planning.devices import fake_gpu
 
 
 @pytest.fixture(autouse=True)
 def no_gpu_no_repo_bundles(monkeypatch, tmp_path):
     """No GPU, and only the bundles a test names: the checkout's engines/ may hold a real demo bundle."""
     monkeypatch.setattr(gpu_mod.NvmlReader, "read", lambda self: [])
-    monkeypatch.setattr("app.runtime.locations.REPO_ROOT", tmp_path / "no-repo")
+    monkeypatch.setattr("app.bundle.locations.REPO_ROOT", tmp_path / "no-repo")
     monkeypatch.delenv("EDGEGEN_ENGINES", raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -141,12 +141,12 @@ def test_selftest_without_references_names_the_command(tiny_refs, klein_bundle, 
     rc = main(["selftest", "--model", str(model), "--references", str(tmp_path / "none"), "--bundle",
                str(klein_bundle)])
     assert rc == 2
-    assert "python -m app.demo.references" in capsys.readouterr().err
+    assert "python -m tools.demo.references" in capsys.readouterr().err
 
 
 def test_selftest_plan_on_an_rtx_gpu_without_engines(klein_bundle):
-    from app.runtime.manifest import load_bundle
-    from app.runtime.selftest_plan import plan
+    from app.bundle.manifest import load_bundle
+    from app.site.selftest_plan import plan
 
     b = load_bundle(klein_bundle, verify=False)
     cands = {c.name: c for c in plan(b, Path("/m"), [fake_gpu(sm="89")], ["CPUExecutionProvider"], False,
@@ -161,7 +161,8 @@ def test_selftest_plan_on_an_rtx_gpu_without_engines(klein_bundle):
 def test_selftest_exports_its_bundle_once_into_the_cache(tiny_refs, klein_bundle, monkeypatch):
     """With no engines/demo, the bundle is exported into the user cache and reused (export faked by a copy)."""
     import export.exporter
-    from app.runtime.selftest_bundle import cache_dir, demo_bundle
+    from app.cli import _selftest_export
+    from app.site.selftest_bundle import cache_dir, demo_bundle
 
     calls = []
 
@@ -173,8 +174,8 @@ def test_selftest_exports_its_bundle_once_into_the_cache(tiny_refs, klein_bundle
     monkeypatch.setattr(export.exporter, "export_bundle", fake_export)
     model, _ = tiny_refs
     env = {"gpus": [], "torch_cuda": False, "installed": {"tensorrt-rtx": None, "tensorrt": None}}
-    b, how, notes = demo_bundle(model, None, env)
+    b, how, notes = demo_bundle(model, None, env, _selftest_export)
     assert b.root == cache_dir().resolve() and "exported" in how and notes == []
     assert len(calls) == 1 and calls[0].target == "onnx" and calls[0].model == model
-    b2, how2, _ = demo_bundle(model, None, env)
+    b2, how2, _ = demo_bundle(model, None, env, _selftest_export)
     assert len(calls) == 1 and "cached" in how2 and b2.root == b.root

@@ -12,8 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from app.bundle.files import atomic_write_bytes
 from app.errors import UsageError
-from app.runtime.gpu import read_gpus
+from app.planning.devices import read_gpus
 from export.engines import (
     VERIFIED_BUILD,
     VERIFIED_ON_HARDWARE,
@@ -21,7 +22,6 @@ from export.engines import (
     describe_profiles,
     engine_key,
     graph_precision,
-    write_atomic,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,17 +248,17 @@ def test_missing_onnx_is_a_usage_error(tmp_path):
         )
 
 
-def test_write_atomic_replaces_and_hashes(tmp_path):
+def test_atomic_write_bytes_replaces_and_hashes(tmp_path):
     p = tmp_path / "a" / "f.bin"
-    write_atomic(p, b"old")
-    sha, n = write_atomic(p, b"new!")
+    atomic_write_bytes(p, b"old")
+    sha, n = atomic_write_bytes(p, b"new!")
     assert p.read_bytes() == b"new!" and n == 4 and sha == hashlib.sha256(b"new!").hexdigest()
     assert sorted(x.name for x in p.parent.iterdir()) == ["f.bin"]
 
 
 def test_tensorrt_is_imported_lazily():
     code = (
-        "import sys, export.engines, app.runtime.trt_backend, app.runtime.plan, app.runtime.gpu; "
+        "import sys, export.engines, app.runtime.engine.runner, app.planning.plan, app.planning.devices; "
         "bad = [m for m in ('tensorrt_rtx', 'tensorrt', 'torch') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

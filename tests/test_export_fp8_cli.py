@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from app.bundle.manifest import load_bundle
 from app.cli import main
-from app.runtime.manifest import load_bundle
 from tests.conftest import export_via_cli
 from tests.test_bad_input import assert_one_line
 from tests.test_spine import psnr
@@ -96,7 +96,7 @@ def test_klein_fp8_transformer_qdq_on_linears_not_on_excluded(klein_fp8_bundle, 
 
 
 def test_klein_fp8_runs_in_onnxruntime_close_to_fp32(klein_fp8_bundle, klein_bundle, tmp_path):
-    from app.runtime.backends import OrtBackend
+    from app.runtime.ort_backend import OrtBackend
     from app.runtime.pipelines import GenerationRequest, make_pipeline
 
     args = ["--prompt", "a lighthouse at dusk", "--width", "64", "--height", "64", "--seed", "3",

@@ -4,16 +4,14 @@ generation from the bundle."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
 import torch
 from PIL import Image
 
+from app.bundle.manifest import load_bundle
 from app.cli import main
-from app.runtime.manifest import load_bundle
 from tests.conftest import export_via_cli
 from tests.test_spine import psnr
 

@@ -36,8 +36,8 @@ def status():
 
 import time
 t0 = time.monotonic()
-from app.runtime.families import FLUX2_KLEIN, read_model_index
-from app.runtime.modelfolder import ModelFolder
+from app.bundle.families import FLUX2_KLEIN, read_model_index
+from app.bundle.modelfolder import ModelFolder
 from export.exporter import export_one
 
 path = Path(sys.argv[1])
@@ -46,7 +46,7 @@ out = Path(sys.argv[2])
 # Warm-up: a tiny module through the same path, so every library the export loads is in before the baseline.
 import torch
 from diffusers import Flux2Transformer2DModel
-from app.runtime.families import ComponentSpec, TensorSpec
+from app.bundle.families import ComponentSpec, TensorSpec
 from export.exporter import _check
 from export.onnx_export import save_component, trace_component
 spec = ComponentSpec("warm", "warm", "", (TensorSpec("x", "float32", ("batch", 8)),),

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("modelopt", reason="needs the fp8 extra")
 
 import _fp8_models as models  # noqa: E402
+
 from app.errors import UsageError  # noqa: E402
 from export import fp8  # noqa: E402
 from export.fp8_policy import FP8_EXCLUDE, check_precision, fp8_exclude_patterns  # noqa: E402

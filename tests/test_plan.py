@@ -8,20 +8,12 @@ from types import SimpleNamespace
 import pytest
 
 from app.errors import UsageError
-from app.runtime import gpu as gpu_mod
-from app.runtime.gpu import FakeGpuReader, NvmlReader, fake_gpu, read_gpus
-from app.runtime.plan import (
-    GIB,
-    ComponentInfo,
-    engine_flavour_for_sm,
-    gpu_spec_from_info,
-    lookup_gpu,
-    make_plan,
-    normalise_sm,
-    parse_gpu_option,
-    parse_sm_list,
-    render_plan,
-)
+from app.planning import devices as gpu_mod
+from app.planning.devices import FakeGpuReader, NvmlReader, fake_gpu, read_gpus
+from app.planning.gpus import gpu_spec_from_info, lookup_gpu, parse_gpu_option
+from app.planning.plan import ComponentInfo, make_plan
+from app.planning.policy import GIB, engine_flavour_for_sm, normalise_sm, parse_sm_list
+from app.planning.render import render_plan
 
 # Roughly FLUX.2 Klein 4B: Qwen3-4B text encoder, 4B transformer, small VAE decoder.
 KLEIN = [

@@ -9,14 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from app.bundle.manifest import load_bundle
 from app.cli import main
-from app.runtime.images import read_metadata
-from app.runtime.manifest import load_bundle
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+from app.runtime.images import psnr, read_metadata  # noqa: F401  (psnr: re-used by other tests)
 
 
 def diffusers_image(model, prompt, seed, steps, guidance, width, height, negative=None) -> np.ndarray:
@@ -111,7 +106,7 @@ def test_count_writes_one_file_per_seed_with_metadata(klein_bundle, tmp_path, ca
 
 def test_prompt_embeddings_are_reused_across_seeds_and_only_then(sd3_bundle):
     """--count N and repeated draws encode a prompt once; the images are the ones a fresh pipeline draws."""
-    from app.runtime.backends import OrtBackend
+    from app.runtime.ort_backend import OrtBackend
     from app.runtime.pipelines import GenerationRequest, make_pipeline
 
     bundle = load_bundle(sd3_bundle)

@@ -8,21 +8,18 @@ from pathlib import Path
 import pytest
 
 from app.errors import BundleError, UsageError
-from app.runtime.gpu import fake_gpu
-from app.runtime.trt_backend import (
-    VERIFIED_ON_HARDWARE,
-    TensorRTBackend,
+from app.planning.devices import fake_gpu
+from app.runtime.backend import choose_backend
+from app.runtime.engine.compat import (
     check_engine_compatible,
-    choose_backend,
     engine_file,
     find_engine,
     incompatibility,
-    plan_buffers,
     rebuild_command,
     runtime_cache_path,
-    select_profile,
-    validate_inputs,
 )
+from app.runtime.engine.runner import VERIFIED_ON_HARDWARE, TensorRTBackend
+from app.runtime.engine.shapes import plan_buffers, select_profile, validate_inputs
 
 RTX = "1.7.1.116"
 INSTALLED = {"tensorrt-rtx": RTX, "tensorrt": None}
@@ -322,7 +319,7 @@ def test_backend_describe_and_tamper_check(tmp_path):
 
 
 def _cuda_gpu():
-    from app.runtime.gpu import current_cuda_gpu
+    from app.planning.devices import current_cuda_gpu
 
     return current_cuda_gpu()
 
@@ -375,7 +372,7 @@ def test_gpu_build_run_and_runtime_cache(tmp_path, fp8):
     import numpy as np
     import torch
 
-    from app.runtime.plan import RTX_TARGET_SMS, precision_supported
+    from app.planning.policy import RTX_TARGET_SMS, precision_supported
     from export.engines import build_engine
 
     gpu = _cuda_gpu()

@@ -10,16 +10,15 @@ import stat
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
+from app.bundle import trust
+from app.bundle.files import sha256_file
+from app.bundle.manifest import load_bundle
 from app.cli import main
 from app.errors import BundleError
-from app.runtime import trust
-from app.runtime.files import sha256_file
-from app.runtime.manifest import load_bundle
 
 GEN = ("--prompt", "x", "--steps", "1", "--width", "32", "--height", "32")
 

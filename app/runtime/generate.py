@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Callable
 
 from app import __version__
-from app.runtime.backends import make_backend
+from app.bundle.manifest import load_bundle
+from app.runtime.backend import make_backend
 from app.runtime.images import save_png
-from app.runtime.manifest import load_bundle
 from app.runtime.pipelines import GenerationRequest, make_pipeline
 
 

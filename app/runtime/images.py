@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from app.runtime.files import atomic_write_bytes
+from app.bundle.files import atomic_write_bytes
 
 
 def a1111_parameters(meta: dict) -> str:
@@ -38,3 +38,11 @@ def save_png(path: Path, image: np.ndarray, meta: dict) -> Path:
 def read_metadata(path: Path) -> dict:
     with Image.open(path) as im:
         return json.loads(im.text["edgegen"])
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio of two uint8 images in dB (inf when identical)."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.bundle.manifest import MANIFEST_NAME, Bundle, load_bundle
 from app.errors import EdgegenError
-from app.runtime.gpu import GpuReader, read_gpus
-from app.runtime.manifest import MANIFEST_NAME, Bundle, load_bundle
-from app.runtime.plan import GIB, GpuSpec, Plan, gpu_spec_from_info, make_plan
+from app.planning.devices import GpuReader, read_gpus
+from app.planning.gpus import GpuSpec, gpu_spec_from_info
+from app.planning.plan import Plan, make_plan
+from app.planning.policy import GIB
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def this_gpu(reader: GpuReader | None = None) -> GpuSpec | None:
 
 
 def plan_for(bundle: Bundle, gpu: GpuSpec | None, width: int, height: int, batch: int = 1) -> Plan:
-    from app.runtime.plan import ComponentInfo
+    from app.planning.plan import ComponentInfo
 
     comps = [ComponentInfo(name=n, kind=c["role"], param_count=c["parameters"]) for n, c in bundle.components().items()]
     return make_plan(gpu, comps, width, height, batch=batch, cfg=bundle.family.uses_negative_prompt)
@@ -95,7 +97,7 @@ def describe(path: Path, gpu: GpuSpec | None) -> BundleEntry:
 
 def find_bundles(folders: list[Path], gpu: GpuSpec | None, extra: list[Path] = ()) -> list[BundleEntry]:
     """Every bundle directly inside `folders` (hidden, half-written exports skipped), plus `extra` ones."""
-    from app.runtime.locations import find_bundles as bundles_in
+    from app.bundle.locations import find_bundles as bundles_in
 
     found = bundles_in([Path(f) for f in folders if Path(f).is_dir()])
     for p in extra:

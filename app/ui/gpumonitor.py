@@ -6,7 +6,7 @@ import time
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
-from app.runtime.gpu import GpuReader
+from app.planning.devices import GpuReader
 from app.ui.gpustats import read_sample
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from app.runtime.gpu import GpuInfo, GpuReader, NvmlReader
+from app.planning.devices import GpuInfo, GpuReader, NvmlReader
 
 
 @dataclass(frozen=True)

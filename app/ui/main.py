@@ -28,7 +28,7 @@ def dispose(widget) -> None:
 def _set_icon(app) -> None:
     from PySide6.QtGui import QIcon
 
-    from app.runtime.locations import assets_dir
+    from app.bundle.locations import assets_dir
 
     icon = assets_dir() / "icons" / "edgegen.png"
     if icon.is_file():
@@ -47,7 +47,7 @@ def run_app(bundle: Path | None = None) -> int:
         raise UsageError("the desktop app needs PySide6; install it with: pip install 'edgegen[ui]'") from None
     _check_display()
     if bundle is not None:
-        from app.runtime.manifest import read_manifest
+        from app.bundle.manifest import read_manifest
 
         read_manifest(Path(bundle))  # a missing or broken --bundle is a usage error, said before a window opens
 

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.runtime.files import atomic_write_bytes
+from app.bundle.files import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Tests and portable installs point these elsewhere; otherwise platformdirs decides.
@@ -72,7 +72,7 @@ class Settings:
         an offline install, <repo>/engines, ./engines)."""
         if self.engines_folder:
             return [Path(self.engines_folder)]
-        from app.runtime.locations import engine_dirs
+        from app.bundle.locations import engine_dirs
 
         return engine_dirs() or [REPO_ROOT / "engines"]
 

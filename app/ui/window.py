@@ -9,14 +9,23 @@ from typing import Callable
 from PySide6.QtCore import QByteArray, Qt, Signal, Slot
 from PySide6.QtGui import QAction, QImage, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
-    QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QPushButton,
+    QScrollArea,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
     QWidget,
 )
 
 from app.errors import EdgegenError
-from app.runtime.gpu import GpuReader
+from app.planning.devices import GpuReader
+from app.planning.gpus import gpu_spec_from_info
+from app.planning.policy import GIB
 from app.runtime.pipelines import GenerationRequest
-from app.runtime.plan import GIB, gpu_spec_from_info
 from app.ui.catalog import find_bundles, fit_text, fit_warning, plan_for, this_gpu
 from app.ui.form import GenerationForm
 from app.ui.gallery import GalleryWidget
@@ -173,7 +182,7 @@ class MainWindow(QMainWindow):
 
     @Slot(object)
     def model_selected(self, entry) -> None:
-        from app.runtime.manifest import load_bundle
+        from app.bundle.manifest import load_bundle
 
         self.bundle = None
         if entry is None:

@@ -97,8 +97,8 @@ class GenerationWorker(QObject):
         key = (str(Path(bundle_dir).resolve()), backend)
         if self._is_loaded(bundle_dir, backend):
             return self.loaded
-        from app.runtime.backends import make_backend
-        from app.runtime.manifest import load_bundle
+        from app.bundle.manifest import load_bundle
+        from app.runtime.backend import make_backend
         from app.runtime.pipelines import make_pipeline
 
         self.loaded = None  # drop the previous model first: one model in memory at a time

@@ -37,8 +37,8 @@ def app_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def window(qapp, app_root, ui_bundle):
     """One real MainWindow per module: the model loads once, later tests reuse it."""
+    from app.planning.devices import FakeGpuReader
     from app.runtime.audit import AuditLog
-    from app.runtime.gpu import FakeGpuReader
     from app.ui.window import MainWindow
 
     w = MainWindow(paths=make_paths(app_root), bundle=ui_bundle, reader=FakeGpuReader([]),

@@ -35,7 +35,7 @@ def test_settings_round_trip_and_bad_file(tmp_path):
 
 
 def test_negative_prompt_only_for_families_that_use_it(qtbot, tmp_path, ui_bundle, ui_sd3_bundle):
-    from app.runtime.gpu import FakeGpuReader
+    from app.planning.devices import FakeGpuReader
     from app.ui.window import MainWindow
 
     engines = tmp_path / "engines"
@@ -124,7 +124,7 @@ def test_settings_dialog_keeps_defaults_unpinned_and_engines_env(qtbot, tmp_path
 
 
 def test_no_bundles_says_how_to_make_one(qtbot, tmp_path):
-    from app.runtime.gpu import FakeGpuReader
+    from app.planning.devices import FakeGpuReader
     from app.ui.window import MainWindow
 
     w = MainWindow(paths=make_paths(tmp_path), reader=FakeGpuReader([]), preload=False)

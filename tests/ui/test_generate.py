@@ -104,7 +104,7 @@ def test_errors_are_sentences_with_the_fix(window, qtbot):
 
 
 def test_restart_finds_history_and_reuses_parameters(window, qtbot, app_root, ui_bundle):
-    from app.runtime.gpu import FakeGpuReader
+    from app.planning.devices import FakeGpuReader
     from app.ui.window import MainWindow
 
     shown = window.history.count()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from app.runtime.gpu import FakeGpuReader, fake_gpu
+from app.planning.devices import FakeGpuReader, fake_gpu
 from app.ui.gpumonitor import MonitorThread
 from app.ui.vram import NO_GPU, VramWidget
 from tests.ui._paths import make_paths

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.runtime.backends import Backend
-from app.runtime.manifest import Bundle
+from app.bundle.manifest import Bundle
+from app.runtime.backend import Backend
 from app.runtime.pipelines.base import Cancel, GenerationRequest, Pipeline, StepCallback  # noqa: F401
 
 

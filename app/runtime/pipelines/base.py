@@ -10,9 +10,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from app.bundle.manifest import Bundle
 from app.errors import GenerationCancelled, UsageError
-from app.runtime.backends import Backend
-from app.runtime.manifest import Bundle
+from app.runtime.backend import Backend
 
 # (step index starting at 1, total steps) -> None; called after every denoising step.
 StepCallback = Callable[[int, int], None]

@@ -1,0 +1,54 @@
+"""Component sizes for `edgegen plan`, read from safetensors headers or a bundle manifest (no weights loaded)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from app.planning.plan import ComponentInfo
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1, "BOOL": 1}
+
+
+def safetensors_headers(folder: Path):
+    """The JSON header of every *.safetensors file in a folder, in name order (no weights read)."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            yield json.loads(fh.read(n))
+
+
+def safetensors_names(folder: Path) -> set[str]:
+    """Tensor names of every *.safetensors file in a folder, from the headers alone."""
+    return {name for header in safetensors_headers(folder) for name in header if name != "__metadata__"}
+
+
+def safetensors_params(folder: Path) -> int:
+    """Parameter count from the JSON headers of every *.safetensors file in a folder."""
+    total = 0
+    for header in safetensors_headers(folder):
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+def components_for(model: Path | None = None, bundle: Path | None = None):
+    """(ComponentInfo list, FamilySpec, defaults) for a model folder or a bundle."""
+    if bundle is not None:
+        from app.bundle.manifest import load_bundle
+
+        b = load_bundle(bundle, verify=False)
+        comps = [ComponentInfo(name=n, kind=c["role"], param_count=c["parameters"]) for n, c in b.components().items()]
+        return comps, b.family, b.defaults
+    from app.bundle.modelfolder import inspect_folder
+
+    folder = inspect_folder(model)
+    comps = [ComponentInfo(name=s.name, kind=s.role, param_count=safetensors_params(folder.path / s.source))
+             for s in folder.family.components if folder.present(s.source)]
+    d = folder.family.defaults(folder.index, folder.path)
+    return comps, folder.family, {"width": d.width, "height": d.height}

@@ -1,0 +1,243 @@
+"""Per-GPU plan: which precision, engine flavour, shape profile and VRAM stage each model component gets.
+
+Everything here is a pure, table-driven function so `edgegen plan` can answer for a GPU the machine does not
+have (`--gpu "RTX 4090"` or `--gpu sm89:24`) and tests can pin every rule without hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from app.errors import UsageError
+from app.planning.gpus import GpuSpec
+from app.planning.policy import GIB, PRECISION_BYTES, choose_precision, engine_flavour_for_sm
+
+Kind = Literal["text_encoder", "transformer", "vae_decoder"]
+
+
+KINDS: tuple[str, ...] = ("text_encoder", "transformer", "vae_decoder")
+
+
+@dataclass(frozen=True, kw_only=True)  # keywords only: param_count vs fp32_bytes must never be confused
+class ComponentInfo:
+    """One exportable component. Give param_count, or fp32_bytes (the weights' size at fp32)."""
+
+    name: str
+    kind: Kind
+    param_count: int | None = None
+    fp32_bytes: int | None = None
+    hidden_size: int | None = None  # sharpens the activation estimate when known
+    text_tokens: int = 512  # Klein pads prompts to 512; SD3.5 uses 77 + 256
+
+    @property
+    def params(self) -> int:
+        if self.param_count is not None:
+            return int(self.param_count)
+        if self.fp32_bytes is not None:
+            return int(self.fp32_bytes) // 4
+        raise ValueError(f"component {self.name} has neither param_count nor fp32_bytes")
+
+
+@dataclass
+class ComponentPlan:
+    name: str
+    kind: str
+    precision: str
+    engine: str  # tensorrt-rtx | tensorrt | onnxruntime-cpu
+    profile: dict[str, list[int]]  # batch/height/width as [min, opt, max]
+    weights_bytes: int
+    activation_bytes: int
+    stage: int = 1
+    weight_streaming: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes
+
+
+@dataclass
+class Plan:
+    gpu: GpuSpec | None
+    width: int
+    height: int
+    batch: int
+    cfg: bool
+    components: list[ComponentPlan]
+    strategy: Literal["all-resident", "staged", "staged+streaming", "does-not-fit", "cpu"]
+    usable_bytes: int | None
+    peak_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[list[str]]:
+        out: dict[int, list[str]] = {}
+        for c in self.components:
+            out.setdefault(c.stage, []).append(c.name)
+        return [out[k] for k in sorted(out)]
+
+    def to_dict(self) -> dict:
+        d = {
+            "gpu": asdict(self.gpu) if self.gpu else None,
+            "width": self.width,
+            "height": self.height,
+            "batch": self.batch,
+            "cfg": self.cfg,
+            "strategy": self.strategy,
+            "usable_bytes": self.usable_bytes,
+            "peak_bytes": self.peak_bytes,
+            "stages": self.stages,
+            "notes": list(self.notes),
+            "components": [{**asdict(c), "peak_bytes": c.peak_bytes} for c in self.components],
+        }
+        return d
+
+
+def _profile(kind: str, width: int, height: int, batch: int, cfg: bool) -> dict[str, list[int]]:
+    # CFG runs the conditional and unconditional branch as one doubled batch; the VAE only decodes the result.
+    b = batch * (2 if cfg and kind != "vae_decoder" else 1)
+    prof = {"batch": [b, b, b]}
+    if kind != "text_encoder":
+        prof["height"] = [height, height, height]
+        prof["width"] = [width, width, width]
+    return prof
+
+
+CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, TensorRT runtime
+
+
+DEFAULT_HIDDEN = {"text_encoder": 2560, "transformer": 3072, "vae_decoder": 0}
+
+
+def estimate_activation_bytes(c: ComponentInfo, precision: str, width: int, height: int, batch: int) -> int:
+    """Rough peak activation/workspace memory. Deliberately generous: users report wrong VRAM accounting."""
+    act_bytes = 4 if precision == "fp32" else 2  # FP8 graphs keep activations in 16-bit between Q/DQ pairs
+    hidden = c.hidden_size or DEFAULT_HIDDEN[c.kind]
+    if c.kind == "transformer":
+        tokens = (width // 16) * (height // 16) + c.text_tokens  # 8x VAE, 2x2 patches
+        return batch * tokens * hidden * act_bytes * 24 + int(0.5 * GIB)  # QKV, MLP 4x, attention tiles
+    if c.kind == "text_encoder":
+        return batch * c.text_tokens * hidden * act_bytes * 16 + int(0.25 * GIB)
+    # VAE decoder: full-resolution feature maps of ~128 channels dominate, several alive at once.
+    return batch * width * height * 128 * act_bytes * 6 + int(0.25 * GIB)
+
+
+def _usable_bytes(gpu: GpuSpec) -> int:
+    # Leave room for the display/desktop and allocator fragmentation; trust live free memory when known.
+    usable = int(gpu.vram_bytes * 0.92) - CONTEXT_BYTES
+    if gpu.free_bytes is not None:
+        usable = min(usable, gpu.free_bytes - CONTEXT_BYTES)
+    return max(usable, 0)
+
+
+def make_plan(
+    gpu: GpuSpec | None,
+    family_components: list[ComponentInfo],
+    width: int,
+    height: int,
+    batch: int = 1,
+    cfg: bool = False,
+) -> Plan:
+    """Decide precision, engine flavour, profile and VRAM stage for every component on `gpu` (None = CPU)."""
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise UsageError(
+            f"{width}x{height} is not a valid size; width and height must be positive multiples of 16."
+        )
+    if batch < 1:
+        raise UsageError(f"batch {batch} is not valid; use 1 or more.")
+    order = {k: i for i, k in enumerate(KINDS)}
+    comps = sorted(family_components, key=lambda c: order[c.kind])  # pipeline order; sort is stable
+    sm = gpu.sm if gpu else None
+    plans: list[ComponentPlan] = []
+    for c in comps:
+        prec = choose_precision(c.kind, sm)
+        eff_batch = _profile(c.kind, width, height, batch, cfg)["batch"][0]
+        plans.append(
+            ComponentPlan(
+                name=c.name,
+                kind=c.kind,
+                precision=prec,
+                engine=engine_flavour_for_sm(sm) if sm else "onnxruntime-cpu",
+                profile=_profile(c.kind, width, height, batch, cfg),
+                weights_bytes=int(c.params * PRECISION_BYTES[prec]),
+                activation_bytes=estimate_activation_bytes(c, prec, width, height, eff_batch),
+            )
+        )
+    if gpu is None:
+        peak = sum(p.weights_bytes for p in plans) + max((p.activation_bytes for p in plans), default=0)
+        return Plan(
+            None,
+            width,
+            height,
+            batch,
+            cfg,
+            plans,
+            "cpu",
+            None,
+            peak,
+            ["No NVIDIA GPU: every component runs in FP32 on ONNX Runtime CPU, from system memory."],
+        )
+    return _stage(Plan(gpu, width, height, batch, cfg, plans, "all-resident", _usable_bytes(gpu), 0))
+
+
+def _stage(plan: Plan) -> Plan:
+    """Keep everything resident if it fits; else group components greedily in pipeline order into stages."""
+    usable = plan.usable_bytes or 0
+    comps = plan.components
+    total = sum(c.weights_bytes for c in comps) + max((c.activation_bytes for c in comps), default=0)
+    if total <= usable:
+        plan.peak_bytes = total
+        return plan
+    groups: list[list[ComponentPlan]] = []
+    for c in comps:
+        g = groups[-1] if groups else None
+        if (
+            g
+            and (
+                sum(x.weights_bytes for x in g)
+                + c.weights_bytes
+                + max(c.activation_bytes, *(x.activation_bytes for x in g))
+            )
+            <= usable
+        ):
+            g.append(c)
+        else:
+            groups.append([c])
+    for i, g in enumerate(groups, 1):
+        for c in g:
+            c.stage = i
+    plan.strategy = "staged"
+    for c in comps:
+        if c.peak_bytes <= usable:
+            continue
+        room = usable - c.activation_bytes
+        # Weight streaming keeps the rest of the weights in host memory; it needs room for a useful slice.
+        if room > 0.1 * c.weights_bytes:
+            c.weight_streaming = True
+            c.notes.append(
+                f"weight streaming: ~{room / GIB:.1f} of {c.weights_bytes / GIB:.1f} GiB on the GPU"
+            )
+            if plan.strategy == "staged":
+                plan.strategy = "staged+streaming"
+        else:
+            c.notes.append("does not fit even with weight streaming")
+            plan.strategy = "does-not-fit"
+
+    def resident(c: ComponentPlan) -> int:
+        return (
+            min(c.weights_bytes, max(usable - c.activation_bytes, 0))
+            if c.weight_streaming
+            else c.weights_bytes
+        )
+
+    plan.peak_bytes = max(sum(resident(c) for c in g) + max(c.activation_bytes for c in g) for g in groups)
+    plan.notes.append(
+        f"Not everything fits in {usable / GIB:.1f} GiB of usable VRAM "
+        f"(all at once needs {total / GIB:.1f} GiB): "
+        f"components load and unload in {len(groups)} stages."
+    )
+    if plan.strategy == "does-not-fit":
+        plan.notes.append("Lower --width/--height or the batch, or use a GPU with more memory.")
+    return plan
+
