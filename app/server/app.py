@@ -1,0 +1,363 @@
+"""The aiohttp routes, in ComfyUI's request and response shapes, plus the checks every request passes first."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import sys
+import uuid
+
+from aiohttp import WSMsgType, web
+
+from app import __version__
+from app.server.config import ServerConfig
+from app.server.events import Hub
+from app.server.graph import GraphError, parse_prompt
+from app.server.queue import FINISHED, PENDING, RUNNING, SUCCESS, JobQueue
+from app.server.security import PathRefused, confined, origin_allowed, token_ok
+from app.server.worker import Worker
+
+log = logging.getLogger("edgegen.server")
+KEYS = {k: web.AppKey(k, object) for k in ("config", "queue", "worker", "hub", "bundles")}
+IMAGE_TYPES = ("output", "input", "temp")
+
+
+def error_body(type_: str, message: str, details: str = "") -> dict:
+    return {"error": {"type": type_, "message": message, "details": details, "extra_info": {}}, "node_errors": {}}
+
+
+def fail(status: int, type_: str, message: str, details: str = "") -> web.Response:
+    return web.json_response(error_body(type_, message, details), status=status)
+
+
+# ----- middlewares ------------------------------------------------------------------------------------------
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except PathRefused as e:
+        return fail(e.status, "path_refused", str(e), "give a file name relative to the folder, without '..'")
+    except web.HTTPRequestEntityTooLarge as e:
+        return fail(413, "body_too_large", "Request body is too large", e.text or "")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return fail(e.status, e.reason.lower().replace(" ", "_"), e.reason, "")
+    except Exception as e:  # a bug of ours: say so without a traceback, log the traceback
+        log.exception("%s %s", request.method, request.path)
+        return fail(500, "internal_error", f"Internal server error: {type(e).__name__}",
+                    "the server log has the details; please report it")
+
+
+@web.middleware
+async def guard(request: web.Request, handler):
+    cfg: ServerConfig = request.app[KEYS["config"]]
+    if cfg.require_token and not token_ok(cfg.token, request.headers, request.query):
+        return fail(401, "unauthorized", "This server needs a token",
+                    "send the header 'Authorization: Bearer <token>' (the token in the server's --token-file)")
+    if not origin_allowed(request.headers.get("Origin"), request.headers.get("Host"), cfg.cors_origins):
+        return fail(403, "origin_refused", "Requests from a web page on another origin are refused",
+                    "start the server with the page's origin allowed, or call it from a script")
+    limit = cfg.max_upload_bytes if request.path.rstrip("/").endswith("/upload/image") else cfg.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return fail(413, "body_too_large", f"Request body of {request.content_length} bytes is over the "
+                    f"{limit}-byte limit", "send a smaller workflow or image")
+    response = await handler(request)
+    origin = request.headers.get("Origin")
+    if origin and (origin in cfg.cors_origins or "*" in cfg.cors_origins):
+        response.headers["Access-Control-Allow-Origin"] = origin
+    return response
+
+
+async def _json(request: web.Request, limit: int) -> dict:
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    if not body:
+        return {}
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _BadJson(str(e)) from None
+    if not isinstance(data, dict):
+        raise _BadJson("the body must be a JSON object")
+    return data
+
+
+class _BadJson(Exception):
+    pass
+
+
+# ----- handlers ---------------------------------------------------------------------------------------------
+
+def _ctx(request: web.Request):
+    a = request.app
+    return a[KEYS["config"]], a[KEYS["queue"]], a[KEYS["worker"]], a[KEYS["hub"]], a[KEYS["bundles"]]
+
+
+def _queue_remaining(queue: JobQueue) -> int:
+    return queue.count(PENDING) + queue.count(RUNNING)
+
+
+async def post_prompt(request: web.Request) -> web.Response:
+    cfg, queue, worker, hub, bundles = _ctx(request)
+    try:
+        body = await _json(request, cfg.max_body_bytes)
+    except _BadJson as e:
+        return fail(400, "invalid_prompt", "The body is not valid JSON", str(e))
+    try:
+        plan = parse_prompt(body.get("prompt"), bundles, cfg.input_dir)
+    except GraphError as e:
+        return web.json_response(e.body(), status=400)
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        return fail(400, "invalid_prompt", "client_id must be a string")
+    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+    job_id = body.get("prompt_id")
+    if job_id is not None:
+        try:
+            job_id = str(uuid.UUID(str(job_id)))
+        except ValueError:
+            return fail(400, "invalid_prompt", "prompt_id must be a UUID", f"got {job_id!r}")
+    notes = [["edgegen_note", {"message": n}] for n in plan.notes]
+    try:
+        job_id, number = queue.submit(body["prompt"], plan.to_json(), client_id, extra, job_id, notes)
+    except KeyError:
+        return fail(400, "invalid_prompt", "prompt_id is already in use", "leave it out to get a fresh one")
+    worker.wake()
+    hub.publish("status", {"status": {"exec_info": {"queue_remaining": _queue_remaining(queue)}}})
+    return web.json_response({"prompt_id": job_id, "number": number, "node_errors": {}})
+
+
+async def get_prompt(request: web.Request) -> web.Response:
+    _, queue, *_ = _ctx(request)
+    return web.json_response({"exec_info": {"queue_remaining": _queue_remaining(queue)}})
+
+
+def _history_entry(queue: JobQueue, job) -> dict:
+    outputs = {node: {"images": imgs} for node, imgs in queue.images(job.id).items()}
+    return {
+        "prompt": job.comfy_prompt(),
+        "outputs": outputs,
+        "status": {"status_str": "success" if job.status == SUCCESS else "error",
+                   "completed": job.status == SUCCESS, "messages": job.messages},
+        "meta": {node: {"node_id": node, "display_node": node} for node in outputs},
+    }
+
+
+async def get_history(request: web.Request) -> web.Response:
+    _, queue, *_ = _ctx(request)
+    try:
+        limit = int(request.query["max_items"]) if "max_items" in request.query else None
+    except ValueError:
+        return fail(400, "invalid_query", "max_items must be a whole number")
+    jobs = queue.jobs(FINISHED, limit=limit, newest_first=True)
+    return web.json_response({j.id: _history_entry(queue, j) for j in reversed(jobs)})
+
+
+async def get_history_one(request: web.Request) -> web.Response:
+    _, queue, *_ = _ctx(request)
+    job = queue.get(request.match_info["prompt_id"])
+    if job is None or job.status not in FINISHED:
+        return web.json_response({})  # ComfyUI's answer until the job is done; clients poll on it
+    return web.json_response({job.id: _history_entry(queue, job)})
+
+
+async def post_history(request: web.Request) -> web.Response:
+    cfg, queue, *_ = _ctx(request)
+    try:
+        body = await _json(request, cfg.max_body_bytes)
+    except _BadJson as e:
+        return fail(400, "invalid_request", "The body is not valid JSON", str(e))
+    if body.get("clear"):
+        queue.delete_history()
+    if isinstance(body.get("delete"), list):
+        queue.delete_history([str(i) for i in body["delete"]])
+    return web.json_response({})
+
+
+async def get_queue(request: web.Request) -> web.Response:
+    _, queue, *_ = _ctx(request)
+    return web.json_response({"queue_running": [j.comfy_prompt() for j in queue.jobs((RUNNING,))],
+                              "queue_pending": [j.comfy_prompt() for j in queue.jobs((PENDING,))]})
+
+
+async def post_queue(request: web.Request) -> web.Response:
+    cfg, queue, worker, hub, _ = _ctx(request)
+    try:
+        body = await _json(request, cfg.max_body_bytes)
+    except _BadJson as e:
+        return fail(400, "invalid_request", "The body is not valid JSON", str(e))
+    deleted = 0
+    if body.get("clear"):
+        deleted += queue.delete_pending()
+    if isinstance(body.get("delete"), list):
+        ids = [str(i) for i in body["delete"]]
+        deleted += queue.delete_pending(ids)
+        for i in ids:  # ComfyUI: deleting the running prompt interrupts it
+            worker.interrupt(i)
+    hub.publish("status", {"status": {"exec_info": {"queue_remaining": _queue_remaining(queue)}}})
+    return web.json_response({"deleted": deleted})
+
+
+async def post_interrupt(request: web.Request) -> web.Response:
+    cfg, _, worker, *_ = _ctx(request)
+    try:
+        body = await _json(request, cfg.max_body_bytes)
+    except _BadJson:
+        body = {}
+    pid = body.get("prompt_id")
+    return web.json_response({"interrupted": worker.interrupt(str(pid) if pid else None)})
+
+
+def _folder(cfg: ServerConfig, type_: str):
+    if type_ == "output":
+        return cfg.output_dir
+    if type_ == "input":
+        return cfg.input_dir
+    return cfg.output_dir.parent / "temp"
+
+
+async def get_view(request: web.Request) -> web.Response:
+    cfg, *_ = _ctx(request)
+    q = request.query
+    filename, subfolder, type_ = q.get("filename", ""), q.get("subfolder", ""), q.get("type", "output") or "output"
+    if not filename:
+        return fail(400, "invalid_query", "filename is required", "GET /view?filename=NAME&subfolder=&type=output")
+    if type_ not in IMAGE_TYPES:
+        return fail(400, "invalid_query", f"type {type_!r} is not one of {', '.join(IMAGE_TYPES)}")
+    if "/" in filename:
+        raise PathRefused(f"{filename!r} is not a plain file name; put folders in subfolder")
+    path = confined(_folder(cfg, type_), subfolder, filename)
+    if not path.is_file():
+        return fail(404, "not_found", f"No {type_} file {filename!r} in subfolder {subfolder!r}",
+                    "use the filename and subfolder that /history reported")
+    return web.FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"'})
+
+
+async def post_upload_image(request: web.Request) -> web.Response:
+    from PIL import Image
+
+    from app.bundle.files import atomic_write_bytes
+
+    cfg, *_ = _ctx(request)
+    if not request.content_type.startswith("multipart/"):
+        return fail(400, "invalid_request", "Upload as multipart/form-data with a file field named 'image'")
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    data = name = None
+    while (part := await reader.next()) is not None:
+        if part.name == "image" and part.filename is not None:
+            name = part.filename
+            buf = bytearray()
+            while chunk := await part.read_chunk(64 * 1024):
+                buf += chunk
+                if len(buf) > cfg.max_upload_bytes:
+                    return fail(413, "body_too_large", f"Image is over the {cfg.max_upload_bytes}-byte limit",
+                                "upload a smaller image")
+            data = bytes(buf)
+        elif part.name in ("subfolder", "type", "overwrite"):
+            fields[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")[:256]
+    if data is None or not name:
+        return fail(400, "invalid_request", "No file field named 'image' in the upload")
+    type_ = fields.get("type") or "input"
+    if type_ != "input":
+        return fail(400, "invalid_request", f"Uploads go to the input folder, not {type_!r}", "send type=input")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise PathRefused(f"{name!r} is not a plain file name")
+    subfolder = fields.get("subfolder", "")
+    path = confined(cfg.input_dir, subfolder, name)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception:
+        return fail(400, "invalid_image", f"{name} is not an image Pillow can read", "upload a PNG, JPEG or WebP")
+    if path.exists() and fields.get("overwrite", "").lower() not in ("true", "1"):
+        stem, suffix, i = path.stem, path.suffix, 1
+        while path.exists():
+            path = path.with_name(f"{stem} ({i}){suffix}")
+            i += 1
+    atomic_write_bytes(path, data)
+    return web.json_response({"name": path.name, "subfolder": subfolder, "type": "input"})
+
+
+async def get_system_stats(request: web.Request) -> web.Response:
+    from app.planning.devices import read_gpus
+
+    devices = [{"name": g.name, "type": "cuda", "index": g.index, "vram_total": g.total_bytes,
+                "vram_free": g.free_bytes, "torch_vram_total": g.total_bytes, "torch_vram_free": g.free_bytes,
+                "uuid": g.uuid, "compute_capability": g.sm} for g in read_gpus()]
+    return web.json_response({
+        "system": {"os": os.name, "platform": platform.platform(), "python_version": sys.version,
+                   "embedded_python": False, "edgegen_version": __version__, "comfyui_version": None,
+                   "ram_total": _ram("SC_PHYS_PAGES"), "ram_free": _ram("SC_AVPHYS_PAGES"), "argv": ["edgegen", "serve"]},
+        "devices": devices,
+    })
+
+
+def _ram(name: str) -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf(name)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+async def get_ws(request: web.Request) -> web.WebSocketResponse:
+    _, queue, _, hub, _ = _ctx(request)
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    sid = request.query.get("clientId") or uuid.uuid4().hex
+    client = hub.attach(sid, ws)
+    hub.send_to(client, "status", {"status": {"exec_info": {"queue_remaining": _queue_remaining(queue)}},
+                                   "sid": sid})
+    import asyncio
+
+    pump = asyncio.ensure_future(client.pump())
+    try:
+        async for msg in ws:  # clients send nothing we act on; reading keeps pings and close frames flowing
+            if msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        hub.detach(client)
+        pump.cancel()
+    return ws
+
+
+async def get_root(request: web.Request) -> web.Response:
+    _, _, _, _, bundles = _ctx(request)
+    return web.json_response({"edgegen": __version__, "bundles": bundles.names(),
+                              "api": "ComfyUI-compatible: /prompt /history /view /queue /interrupt "
+                                     "/system_stats /upload/image /ws"})
+
+
+async def _close_sockets(app: web.Application) -> None:
+    hub: Hub = app[KEYS["hub"]]
+    for group in list(hub.clients.values()):
+        for c in list(group):
+            await c.ws.close(code=1001, message=b"server shutting down")
+
+
+def make_app(config: ServerConfig, queue: JobQueue, worker: Worker, hub: Hub, bundles) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json, guard],
+                          client_max_size=max(config.max_body_bytes, config.max_upload_bytes) + 64 * 1024)
+    for key, value in (("config", config), ("queue", queue), ("worker", worker), ("hub", hub), ("bundles", bundles)):
+        app[KEYS[key]] = value
+    routes = [
+        ("POST", "/prompt", post_prompt), ("GET", "/prompt", get_prompt),
+        ("GET", "/history", get_history), ("POST", "/history", post_history),
+        ("GET", "/history/{prompt_id}", get_history_one),
+        ("GET", "/queue", get_queue), ("POST", "/queue", post_queue),
+        ("POST", "/interrupt", post_interrupt), ("GET", "/view", get_view),
+        ("POST", "/upload/image", post_upload_image), ("GET", "/system_stats", get_system_stats),
+        ("GET", "/ws", get_ws),
+    ]
+    for prefix in ("", "/api"):  # newer ComfyUI frontends call the same routes under /api
+        for method, path, handler in routes:
+            app.router.add_route(method, prefix + path, handler)
+    app.router.add_get("/", get_root)
+    app.on_shutdown.append(_close_sockets)
+    return app

@@ -1,0 +1,75 @@
+"""WebSocket fan-out: any thread publishes {"type", "data"}; the event loop delivers to connected clients.
+
+As in ComfyUI, a message for a job submitted with a client_id goes only to that client's sockets, and one
+without (status updates, jobs with no client_id) goes to every socket. A client that cannot keep up loses
+progress messages first; the other kinds are kept until its buffer is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+log = logging.getLogger("edgegen.server")
+BUFFER = 512  # messages queued per socket
+LOSSY = frozenset({"progress", "status"})
+
+
+class Client:
+    def __init__(self, sid: str, ws):
+        self.sid, self.ws = sid, ws
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=BUFFER)
+        self.dropped = 0
+
+    def offer(self, kind: str, text: str) -> None:
+        if kind in LOSSY and self.queue.qsize() >= BUFFER // 2:
+            self.dropped += 1
+            return
+        try:
+            self.queue.put_nowait(text)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def pump(self) -> None:
+        """Send queued messages in order until the socket closes."""
+        while True:
+            text = await self.queue.get()
+            if self.ws.closed:
+                return
+            await self.ws.send_str(text)
+
+
+class Hub:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.clients: dict[str, set[Client]] = {}
+
+    # event-loop side
+    def attach(self, sid: str, ws) -> Client:
+        c = Client(sid, ws)
+        self.clients.setdefault(sid, set()).add(c)
+        return c
+
+    def detach(self, c: Client) -> None:
+        group = self.clients.get(c.sid)
+        if group is not None:
+            group.discard(c)
+            if not group:
+                del self.clients[c.sid]
+
+    def send_to(self, c: Client, kind: str, data: dict) -> None:
+        c.offer(kind, json.dumps({"type": kind, "data": data}))
+
+    def _deliver(self, kind: str, data: dict, sid: str | None) -> None:
+        text = json.dumps({"type": kind, "data": data})
+        targets = [c for g in self.clients.values() for c in g] if sid is None else self.clients.get(sid, ())
+        for c in list(targets):
+            c.offer(kind, text)
+
+    # any thread
+    def publish(self, kind: str, data: dict, sid: str | None = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, kind, data, sid)
+        except RuntimeError:  # loop closed: the server is shutting down, nobody is listening
+            pass

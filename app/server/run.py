@@ -1,0 +1,129 @@
+"""Start and stop a server: blocking for `edgegen serve`, in a background thread for tests and `edgegen batch`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from typing import Callable
+
+from aiohttp import web
+
+from app.errors import UsageError
+from app.server.app import make_app
+from app.server.bundles import BundleIndex
+from app.server.config import ServerConfig, is_loopback
+from app.server.events import Hub
+from app.server.queue import JobQueue
+from app.server.worker import Worker
+
+
+class Server:
+    """The queue, the worker and the HTTP site, started and stopped together inside one event loop."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config.resolved()
+        if self.config.require_token and not self.config.token:
+            raise UsageError(f"binding to {self.config.host} (not loopback) needs a token: pass --token-file FILE "
+                             "holding a long random secret, or bind to 127.0.0.1")
+        self.port: int | None = None
+        self.requeued: list[str] = []
+        self.failed: list[str] = []
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        for d in (cfg.output_dir, cfg.input_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.queue = JobQueue(cfg.db_path, cfg.max_attempts, cfg.history_limit)
+        self.requeued, self.failed = self.queue.recover()
+        self.hub = Hub(asyncio.get_running_loop())
+        self.worker = Worker(self.queue, cfg, self.hub.publish)
+        self.bundles = BundleIndex(cfg.bundles, cfg.search_default_engines)
+        self.runner = web.AppRunner(make_app(cfg, self.queue, self.worker, self.hub, self.bundles),
+                                    access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.host, cfg.port, shutdown_timeout=5.0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        self.worker.start()
+
+    async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        await self.runner.cleanup()
+        self.queue.close()
+
+
+def serve(config: ServerConfig, say: Callable[[str], None] = print) -> int:
+    """Run until SIGINT/SIGTERM; a running job is released back to the queue and resumes on the next start."""
+
+    async def main() -> None:
+        server = Server(config)
+        await server.start()
+        cfg = server.config
+        if not is_loopback(cfg.host):
+            say(f"warning: listening on {cfg.host}, reachable from other machines; every request must carry "
+                "the token. Prefer 127.0.0.1 behind an authenticating proxy you control")
+        say(f"bundles: {', '.join(server.bundles.names()) or 'none found (pass --bundle DIR)'}")
+        say(f"output: {cfg.output_dir}  queue: {cfg.db_path}")
+        if server.requeued or server.failed:
+            say(f"after restart: {len(server.requeued)} interrupted job(s) re-queued, "
+                f"{len(server.failed)} marked failed")
+        say(f"edgegen serve: listening on {server.url} (Ctrl+C stops)")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+                pass
+        await stop.wait()
+        say("edgegen serve: stopping (a running job goes back to the queue)")
+        await server.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+class ServerThread:
+    """A real server on its own event loop in a background thread (tests, in-process `edgegen batch`)."""
+
+    def __init__(self, config: ServerConfig):
+        self.server = Server(config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="edgegen-server", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(120)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+            self.loop.close()
+            raise
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+            self.loop.close()

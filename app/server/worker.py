@@ -1,0 +1,223 @@
+"""The one generation thread: claims jobs from the queue in order, runs them on loaded pipelines, saves PNGs.
+
+One job at a time per server (one GPU), as in the app. Pipelines stay loaded per bundle (least recently used
+dropped beyond `max_loaded_bundles`). Progress goes out through `publish`, which is thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from app.errors import EdgegenError, GenerationCancelled
+from app.server.config import ServerConfig
+from app.server.graph import Plan, Task
+from app.server.queue import ERROR, INTERRUPTED, SUCCESS, Job, JobQueue
+
+log = logging.getLogger("edgegen.server")
+Publish = Callable[[str, dict, "str | None"], None]
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Loaded:
+    """A verified bundle with its backend and pipeline."""
+
+    def __init__(self, bundle_dir: Path):
+        from app.bundle.manifest import load_bundle
+        from app.runtime.backend import make_backend
+        from app.runtime.pipelines import make_pipeline
+
+        self.bundle = load_bundle(bundle_dir)  # signature policy, checksums: as the CLI and the app
+        self.backend, self.reason = make_backend(self.bundle, "auto")
+        self.pipeline = make_pipeline(self.bundle, self.backend)
+
+
+class Worker(threading.Thread):
+    def __init__(self, queue: JobQueue, config: ServerConfig, publish: Publish):
+        super().__init__(name="edgegen-generation", daemon=True)
+        self.queue, self.config, self.publish = queue, config, publish
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._current: tuple[str, object] | None = None  # (prompt_id, Cancel)
+        self._loaded: OrderedDict[str, Loaded] = OrderedDict()
+        self._audit = None
+        self.jobs_run = 0
+
+    # ----- control, from any thread -----------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self.interrupt()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        with self._lock:
+            if self._current is None or (prompt_id and self._current[0] != prompt_id):
+                return False
+            self._current[1].set()
+            return True
+
+    def running(self) -> str | None:
+        with self._lock:
+            return self._current[0] if self._current else None
+
+    # ----- the thread -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            job = self.queue.claim_next()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self._status()
+            try:
+                self.execute(job)
+            except Exception:  # never let one job take the worker down
+                log.exception("job %s failed unexpectedly", job.id)
+            self.jobs_run += 1
+            self._status()
+
+    def _status(self) -> None:
+        pending = self.queue.count("pending") + (1 if self.running() else 0)
+        self.publish("status", {"status": {"exec_info": {"queue_remaining": pending}}}, None)
+
+    def execute(self, job: Job) -> None:
+        from app.runtime.pipelines import Cancel
+
+        sid = job.client_id
+        plan = Plan.from_json(job.plan)
+        cancel = Cancel()
+        with self._lock:
+            self._current = (job.id, cancel)
+        start = {"prompt_id": job.id, "timestamp": _ms()}
+        self.queue.add_message(job.id, "execution_start", start)
+        self.publish("execution_start", start, sid)
+        self.publish("execution_cached", {"nodes": [], "prompt_id": job.id, "timestamp": _ms()}, sid)
+        task: Task | None = None
+        done: list[str] = []
+        try:
+            offset = 0
+            for task in plan.tasks:
+                self._run_task(job, task, offset, cancel)
+                offset += len(task.requests)
+                done.append(task.node)
+            if self._stopping.is_set() and cancel.is_set():
+                raise GenerationCancelled("server stopping")
+        except GenerationCancelled:
+            if self._stopping.is_set():
+                self.queue.release(job.id)  # back to pending, its finished images kept; the next start resumes it
+                return
+            data = {"prompt_id": job.id, "node_id": task.sampler_node if task else None,
+                    "node_type": self._node_type(job, task), "executed": done, "timestamp": _ms()}
+            self.queue.finish(job.id, INTERRUPTED, "execution_interrupted", data, error="interrupted")
+            self.publish("execution_interrupted", data, sid)
+        except Exception as e:  # EdgegenError is a sentence for the user; anything else is our bug
+            message = str(e) if isinstance(e, EdgegenError) else f"internal error: {type(e).__name__}: {e}"
+            if not isinstance(e, EdgegenError):
+                log.exception("job %s", job.id)
+            data = {"prompt_id": job.id, "node_id": task.sampler_node if task else None,
+                    "node_type": self._node_type(job, task), "executed": done, "exception_message": message,
+                    "exception_type": type(e).__name__, "traceback": [], "current_inputs": {},
+                    "current_outputs": {}, "timestamp": _ms()}
+            self.queue.finish(job.id, ERROR, "execution_error", data, error=message)
+            self.publish("execution_error", data, sid)
+        else:
+            data = {"prompt_id": job.id, "timestamp": _ms()}
+            self.queue.finish(job.id, SUCCESS, "execution_success", data)
+            self.publish("execution_success", data, sid)
+        finally:
+            with self._lock:
+                self._current = None
+            if not self._stopping.is_set():
+                self.publish("executing", {"node": None, "prompt_id": job.id}, sid)
+
+    @staticmethod
+    def _node_type(job: Job, task: Task | None) -> str | None:
+        if task is None:
+            return None
+        return (job.graph.get(task.sampler_node) or {}).get("class_type")
+
+    def _run_task(self, job: Job, task: Task, offset: int, cancel) -> None:
+        from app.runtime.pipelines import GenerationRequest
+
+        sid = job.client_id
+        self.publish("executing", {"node": task.sampler_node, "display_node": task.sampler_node,
+                                   "prompt_id": job.id}, sid)
+        loaded = self._pipeline(task.bundle_dir)
+        already = self.queue.recorded(job.id)
+        subfolder, base = _split_prefix(task.filename_prefix)
+        n = len(task.requests)
+        images = []
+        for idx, fields in enumerate(task.requests):
+            filename = f"{base}_{job.number:05d}_{job.id[:8]}_{offset + idx:02d}.png"
+            entry = {"filename": filename, "subfolder": subfolder, "type": "output"}
+            path = self.config.output_dir / subfolder / filename
+            if (task.node, idx) in already and path.is_file():  # written before a restart: not drawn twice
+                images.append(entry)
+                continue
+            if cancel.is_set():
+                raise GenerationCancelled("interrupted")
+            extra = {"images": [Path(r) for r in task.references]} if task.references else {}
+            req = GenerationRequest(**fields, **extra)
+
+            def on_step(step: int, total: int, idx=idx) -> None:
+                self.publish("progress", {"value": idx * total + step, "max": n * total, "prompt_id": job.id,
+                                          "node": task.sampler_node}, sid)
+
+            result = loaded.pipeline.generate(req, on_step=on_step, cancel=cancel)
+            self._save(job, loaded, result, path)
+            self.queue.record_image(job.id, task.node, idx, filename, subfolder, "output")
+            for w in result.warnings:
+                self.queue.add_message(job.id, "warning", {"prompt_id": job.id, "node": task.sampler_node,
+                                                           "message": w})
+            images.append(entry)
+        self.publish("executing", {"node": task.node, "display_node": task.node, "prompt_id": job.id}, sid)
+        self.publish("executed", {"node": task.node, "display_node": task.node, "output": {"images": images},
+                                  "prompt_id": job.id}, sid)
+
+    def _save(self, job: Job, loaded: Loaded, result, path: Path) -> None:
+        from app.runtime.audit import AuditLog
+        from app.runtime.generate import image_metadata
+        from app.runtime.images import save_png
+
+        meta = image_metadata(loaded.bundle, loaded.backend, result)
+        save_png(path, result.image, meta)  # atomic: a crash leaves the old file or none, never half a PNG
+        if self._audit is None:
+            self._audit = AuditLog(self.config.audit_path, redact_prompts=self.config.redact_prompts)
+        r, b = result.request, loaded.bundle
+        self._audit.record(
+            model=b.manifest["source"]["name"], family=b.manifest["family"], bundle_sha=b.manifest_sha256,
+            seed=r.seed, steps=r.steps, guidance=r.guidance, width=r.width, height=r.height,
+            backend=loaded.backend.name, precision=b.precision, output=str(path.absolute()), prompt=r.prompt,
+            negative_prompt=r.negative_prompt, source="api", prompt_id=job.id, client_id=job.client_id,
+        )
+
+    def _pipeline(self, bundle_dir: str) -> Loaded:
+        key = str(bundle_dir)
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        while len(self._loaded) >= max(1, self.config.max_loaded_bundles):
+            self._loaded.popitem(last=False)
+        loaded = Loaded(Path(bundle_dir))
+        log.info("loaded %s: %s (%s)", bundle_dir, loaded.backend.describe(), loaded.reason)
+        self._loaded[key] = loaded
+        return loaded
+
+
+def _split_prefix(prefix: str) -> tuple[str, str]:
+    """ComfyUI's filename_prefix may name a subfolder: "products/shoe" -> ("products", "shoe")."""
+    p = Path(prefix)
+    return ("" if str(p.parent) == "." else p.parent.as_posix()), p.name or "edgegen"
