@@ -23,6 +23,7 @@ from app.server.worker import Worker
 log = logging.getLogger("edgegen.server")
 KEYS = {k: web.AppKey(k, object) for k in ("config", "queue", "worker", "hub", "bundles")}
 IMAGE_TYPES = ("output", "input", "temp")
+VIEWABLE = ("png", "jpg", "jpeg", "webp")
 
 
 def error_body(type_: str, message: str, details: str = "") -> dict:
@@ -232,6 +233,9 @@ async def get_view(request: web.Request) -> web.Response:
         return fail(400, "invalid_query", f"type {type_!r} is not one of {', '.join(IMAGE_TYPES)}")
     if "/" in filename:
         raise PathRefused(f"{filename!r} is not a plain file name; put folders in subfolder")
+    if filename.startswith(".") or filename.rpartition(".")[2].lower() not in VIEWABLE:
+        return fail(400, "invalid_query", f"{filename!r} is not an image this server serves",
+                    f"/view serves {', '.join(VIEWABLE)} files")
     path = confined(_folder(cfg, type_), subfolder, filename)
     if not path.is_file():
         return fail(404, "not_found", f"No {type_} file {filename!r} in subfolder {subfolder!r}",

@@ -58,10 +58,16 @@ class ServerConfig:
         from dataclasses import replace
 
         base = default_data_dir() / "server"
+        output = Path(self.output_dir or base / "output").absolute()
+        # The queue sits beside the output folder it describes (the default: beside the app's history.sqlite3),
+        # never inside it, where /view could serve it.
+        db = self.db_path or (default_data_dir() / "server-queue.sqlite3" if self.output_dir is None
+                              else output.parent / f"{output.name}-queue.sqlite3")
         return replace(
             self,
-            output_dir=Path(self.output_dir or base / "output").absolute(),
-            input_dir=Path(self.input_dir or base / "input").absolute(),
-            db_path=Path(self.db_path or default_data_dir() / "server-queue.sqlite3").absolute(),
+            output_dir=output,
+            input_dir=Path(self.input_dir or output.parent / f"{output.name}-input").absolute()
+            if self.output_dir is not None else Path(self.input_dir or base / "input").absolute(),
+            db_path=Path(db).absolute(),
             require_token=self.require_token or not is_loopback(self.host) or bool(self.token),
         )

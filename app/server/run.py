@@ -39,15 +39,16 @@ class Server:
         cfg = self.config
         for d in (cfg.output_dir, cfg.input_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_queue(cfg.db_path)
         self.queue = JobQueue(cfg.db_path, cfg.max_attempts, cfg.history_limit)
         self.requeued, self.failed = self.queue.recover()
         self.hub = Hub(asyncio.get_running_loop())
         self.worker = Worker(self.queue, cfg, self.hub.publish)
         self.bundles = BundleIndex(cfg.bundles, cfg.search_default_engines)
         self.runner = web.AppRunner(make_app(cfg, self.queue, self.worker, self.hub, self.bundles),
-                                    access_log=None, handle_signals=False)
+                                    access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.host, cfg.port, shutdown_timeout=5.0)
+        site = web.TCPSite(self.runner, cfg.host, cfg.port)
         await site.start()
         self.port = self.runner.addresses[0][1]
         self.worker.start()
@@ -56,6 +57,27 @@ class Server:
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         await self.runner.cleanup()
         self.queue.close()
+        self._lock_file.close()
+
+
+def _lock_queue(db_path):
+    """One server per queue database: a second one would re-queue jobs the first is running."""
+    from pathlib import Path
+
+    path = Path(f"{db_path}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; run one server per database
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UsageError(f"another edgegen server is using the queue {db_path}; stop it, or give this one "
+                         "its own --output folder") from None
+    return f
 
 
 def serve(config: ServerConfig, say: Callable[[str], None] = print) -> int:
@@ -98,7 +120,7 @@ class ServerThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="edgegen-server", daemon=True)
 
     def __enter__(self) -> ServerThread:
-        return self.start()
+        return self if self._thread.is_alive() else self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
