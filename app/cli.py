@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from app import __version__
-from app.errors import EdgegenError, UsageError
+from app.errors import EdgegenError, UsageError, one_line, write_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,12 +29,50 @@ def _size(value: str) -> int:
     return v
 
 
-def _lora(value: str) -> tuple[Path, float]:
-    path, _, scale = value.partition(":") if not Path(value).exists() else (value, "", "")
+def _count(value: str) -> int:
     try:
-        return Path(path), float(scale) if scale else 1.0
+        v = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"LoRA scale in '{value}' is not a number; use FILE[:SCALE]") from None
+        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _finite(value: str) -> float:
+    """A float that is a number: nan and inf would reach the sampler and draw black or NaN images."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{value}' is not a finite number; give e.g. 1.0 or 7.0")
+    return v
+
+
+def _text(value: str) -> str:
+    """Prompt text: argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can read."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("holds bytes that are not UTF-8 text; set a UTF-8 locale or "
+                                         "re-encode the prompt as UTF-8") from None
+    return value
+
+
+def _lora(value: str) -> tuple[Path, float]:
+    """FILE[:SCALE], split at the LAST colon and only when what follows parses as a number, so Windows paths
+    (C:\\brand.safetensors:0.8) and file names holding colons keep their colons."""
+    path, sep, scale = value.rpartition(":")
+    if sep and path and not Path(value).exists():
+        try:
+            s = float(scale)
+        except ValueError:
+            return Path(value), 1.0
+        if not math.isfinite(s):
+            raise argparse.ArgumentTypeError(f"LoRA scale in '{value}' is not a finite number; use FILE[:SCALE]")
+        return Path(path), s
+    return Path(value), 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,19 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-size", type=_size)
     e.add_argument("--calibration-prompts", type=Path, help="FP8 calibration prompts, one per line")
     e.add_argument("--calibration-size", type=_size, help="FP8 calibration resolution in pixels")
-    e.add_argument("--calibration-count", type=int, default=8, help="FP8 calibration prompts to sample")
+    e.add_argument("--calibration-count", type=_count, default=8, help="FP8 calibration prompts to sample")
     e.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle once the new one is complete")
     e.add_argument("--sign", type=Path, metavar="KEYFILE", help="sign the finished bundle with this private key")
+    e.add_argument("--accept-low-fidelity", action="store_true",
+                   help="keep components below the fidelity thresholds (docs/BAD_INPUT.md); recorded in the manifest")
+    e.add_argument("--skip-memory-check", action="store_true", help="export even when the RAM estimate exceeds what is free")
 
     g = sub.add_parser("generate", help="prompt -> PNG")
     g.add_argument("--bundle", type=Path, required=True)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, type=_text)
     g.add_argument("--out", type=Path, required=True)
-    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--negative-prompt", default="", type=_text)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float)
+    g.add_argument("--guidance", type=_finite)
     g.add_argument("--width", type=_size)
     g.add_argument("--height", type=_size)
     g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
@@ -127,11 +169,48 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except EdgegenError as e:
-        say(f"edgegen: error: {e}")
+        message = str(e)
+        if e.exit_code != 2:  # environment or runtime: the line also names a full report
+            message = _with_report(message, e, argv)
+        say(_one_line(f"edgegen: error: {message}"))
         return e.exit_code
     except KeyboardInterrupt:
         say("edgegen: interrupted")
         return 130
+    except Exception as e:  # noqa: BLE001  the one place nothing may escape as a traceback
+        say(_one_line(f"edgegen: error: {_with_report(_describe(e), e, argv)}"))
+        return 1
+
+
+def _one_line(text: str) -> str:
+    """Messages go to the terminal as exactly one line, whatever bytes a path or prompt carried."""
+    text = " ".join(text.splitlines())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _with_report(message: str, exc: BaseException, argv) -> str:
+    path = write_report(exc, list(sys.argv[1:] if argv is None else argv))
+    return f"{message} (full report: {path})" if path else f"{message} (no report: the log folder is not writable)"
+
+
+def _describe(exc: BaseException) -> str:
+    """A sentence for a failure no check anticipated, naming the part that failed."""
+    mod = type(exc).__module__ or ""
+    if mod.startswith("onnxruntime"):
+        return f"ONNX Runtime failed ({one_line(exc)}); run edgegen doctor, or re-export the bundle"
+    if isinstance(exc, MemoryError):
+        return "ran out of memory; close other programs, pick a smaller size, or use a machine with more RAM"
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return f"a file operation failed{where}: {exc.strerror or one_line(exc)}; check free space and permissions"
+    tb = exc.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    if any(f.startswith(("app.runtime.engine", "app.runtime.trt_backend")) for f in frames):
+        return f"the TensorRT backend failed ({one_line(exc)}); run edgegen doctor, or try --backend onnxruntime"
+    return f"unexpected failure ({one_line(exc)}); this is a bug in edgegen, please send the report"
 
 
 def entrypoint() -> None:
@@ -148,7 +227,8 @@ def cmd_export(args) -> int:
         min_size=args.min_size, max_size=args.max_size, calibration_prompts=args.calibration_prompts,
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
         text_encoder_precision=args.text_encoder_precision,
-        loras=tuple(args.lora), overwrite=args.overwrite,
+        loras=tuple(args.lora), overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
+        skip_memory_check=args.skip_memory_check,
     )
     if args.sign:  # check the key before a long export, not after it
         from app.bundle.trust import load_signing_key

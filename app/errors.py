@@ -29,3 +29,76 @@ class NetworkBlockedError(EdgegenError):
 
 class GenerationCancelled(EdgegenError):
     """The user cancelled a running generation."""
+
+
+class EnvironmentProblem(EdgegenError):
+    """This machine cannot do what was asked (disk full, output not writable, a runtime library failed).
+    Exit code 1; the CLI adds the path of a full report."""
+
+
+# ---------------------------------------------------------------- reports of failures nobody anticipated
+
+ENV_LOG_DIR = "EDGEGEN_LOG_DIR"
+
+
+def log_dir():
+    """The user's log folder (platformdirs user_log_dir; EDGEGEN_LOG_DIR overrides, for tests and sites)."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get(ENV_LOG_DIR):
+        return Path(os.environ[ENV_LOG_DIR])
+    from platformdirs import user_log_dir
+
+    return Path(user_log_dir("edgegen"))
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and the first non-empty line of its message."""
+    text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def write_report(exc: BaseException, argv: list[str] | None = None, context: str = ""):
+    """Write a full report of `exc` (traceback, versions, argv, platform) to a new file in the user's log folder,
+    atomically, and return its path; None when even that fails (a report must never raise). The CLI prints the
+    path; the app offers the same file for copying."""
+    import os
+    import platform
+    import sys
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    try:
+        from app import __version__
+
+        versions = {"edgegen": __version__, "python": platform.python_version(), "platform": platform.platform()}
+        for mod in ("torch", "onnxruntime", "onnx", "diffusers", "transformers", "tensorrt_rtx", "tensorrt",
+                    "modelopt", "PySide6"):
+            m = sys.modules.get(mod)  # only what this process loaded: importing here could fail again
+            if m is not None:
+                versions[mod] = str(getattr(m, "__version__", "?"))
+        lines = [f"edgegen failure report, {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+                 f"argv: {argv if argv is not None else sys.argv}", f"context: {context}" if context else "",
+                 "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
+                 *traceback.format_exception(type(exc), exc, exc.__traceback__)]
+        text = "\n".join(ln for ln in lines if ln is not None).encode("utf-8", "backslashreplace")
+        folder = log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+    except Exception:  # noqa: BLE001  (disk full, read-only home: the one line still gets printed)
+        return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-import json
+import math
 import platform
 import shutil
 import time
@@ -15,14 +15,16 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from app.bundle.families import DYNAMIC_DIMS
-from app.bundle.modelfolder import ModelFolder, inspect_folder
+from app.bundle.families import DYNAMIC_DIMS, model_dims
+from app.bundle.modelfolder import ModelFolder, inspect_folder, own_defaults
 from app.errors import EdgegenError, UsageError
 from app.models.loading import load_component
 from app.models.samples import sample_inputs
 from app.models.wrappers import wrap
 from app.runtime.images import psnr
+from export import preflight
 from export.bundle_writer import BundleWriter
+from export.fidelity import gate
 from export.lora import check_loras, fuse_loras
 from export.onnx_export import compare, needs_external_data, save_component, trace_component
 
@@ -38,8 +40,7 @@ CHECK_BATCH, CHECK_TEXT = 1, 24
 
 def vae_scale_factor(folder: ModelFolder) -> int:
     """Pixels per latent cell, as diffusers derives it: 2 ** (len(block_out_channels) - 1)."""
-    cfg = json.loads((folder.path / "vae" / "config.json").read_text())
-    return 2 ** (len(cfg["block_out_channels"]) - 1)
+    return model_dims(folder.path, folder.family, folder.index)["vae_scale_factor"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class ExportOptions:
     text_encoder_precision: Precision = "fp32"  # FP8 only on request; never FP16 (T5 overflows it)
     loras: tuple[tuple[Path, float], ...] = ()
     overwrite: bool = False
+    accept_low_fidelity: bool = False  # keep components below export/fidelity.py's thresholds (recorded)
+    skip_memory_check: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -79,31 +82,42 @@ def _source_identity(folder: ModelFolder) -> dict:
             "model_index_sha256": sha256_file(folder.path / "model_index.json")}
 
 
-def _text_length(folder: ModelFolder) -> dict:
+def _text_length(folder: ModelFolder, own: dict) -> dict:
     """{"max_sequence_length": n} when the model folder's edgegen_defaults.json sets the prompt length its
     pipeline pads to (Klein only: Flux2KleinPipeline's max_sequence_length, 512 when absent), else {}."""
-    own = folder.path / "edgegen_defaults.json"
-    n = json.loads(own.read_text()).get("max_sequence_length") if own.is_file() else None
+    n = own.get("max_sequence_length")
     if n is None:
         return {}
     if folder.family.name != "flux2-klein" or not isinstance(n, int) or not 16 <= n <= 512:
-        raise UsageError(f"{own}: max_sequence_length {n!r} is not usable; it must be an integer in 16..512 and "
-                         "only FLUX.2 Klein models may set it")
+        raise UsageError(f"{folder.path / 'edgegen_defaults.json'}: max_sequence_length {n!r} is not usable; it "
+                         "must be an integer in 16..512 and only FLUX.2 Klein models may set it")
     return {"max_sequence_length": n}
 
 
-def _defaults_and_range(folder: ModelFolder, opts: ExportOptions) -> tuple[dict, dict]:
+def _defaults_and_range(folder: ModelFolder, opts: ExportOptions, own: dict | None = None,
+                        dims: dict | None = None, say: Progress = lambda _m: None) -> tuple[dict, dict]:
     fam = folder.family
+    own = own_defaults(folder.path) if own is None else own  # a model may carry its own (the demo model does)
+    dims = model_dims(folder.path, fam, folder.index) if dims is None else dims
     d = fam.defaults(folder.index, folder.path)
     defaults = {"steps": d.steps, "guidance": d.guidance, "width": d.width, "height": d.height}
-    lo, hi = fam.size_range
-    own = folder.path / "edgegen_defaults.json"  # a model may carry its own (the demo model does)
-    if own.is_file():
-        extra = json.loads(own.read_text())
-        defaults.update({k: extra[k] for k in ("steps", "guidance", "width", "height") if k in extra})
-        lo, hi = extra.get("min_size", lo), extra.get("max_size", hi)
+    defaults.update({k: own[k] for k in ("steps", "guidance", "width", "height") if k in own})
+    lo, hi = own.get("min_size", fam.size_range[0]), own.get("max_size", fam.size_range[1])
+    m = dims["vae_scale_factor"] * dims["patch"]
+    limit = dims.get("max_size_px")  # SD3's position table: pos_embed_max_size patches per side
+    if limit:
+        limit -= limit % m
+        if opts.max_size and opts.max_size > limit:
+            raise UsageError(f"--max-size {opts.max_size} exceeds this model's position table "
+                             f"(pos_embed_max_size {dims['pos_embed_max_size']} = {limit} px per side); "
+                             f"use --max-size {limit} or less")
+        if hi > limit and not opts.max_size:
+            say(f"[preflight] size range capped at {limit} px by the model's position table "
+                f"(pos_embed_max_size {dims['pos_embed_max_size']})")
+            hi = limit
+        if lo > hi and not opts.min_size:
+            lo = hi
     lo, hi = opts.min_size or lo, opts.max_size or hi
-    m = vae_scale_factor(folder) * fam.patch
     if lo % m or hi % m or lo > hi or lo < m:
         raise UsageError(f"--min-size {lo} / --max-size {hi} must be multiples of {m} with min <= max")
     defaults["width"] = min(max(defaults["width"], lo), hi)
@@ -129,8 +143,12 @@ def _io(spec, onnx_path: Path) -> dict:
 
 
 def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
+    """Preflight (everything checkable before the first weight is read), then the export itself."""
+    t0 = time.monotonic()
     folder = inspect_folder(opts.model, opts.family)
     fam = folder.family
+    own = own_defaults(folder.path)
+    dims = model_dims(folder.path, fam, folder.index, _text_length(folder, own).get("max_sequence_length"))
     if opts.precision not in ("fp32", "fp8"):
         raise UsageError(f"--precision {opts.precision} is not available yet; use fp32 (ONNX Runtime/TensorRT-RTX) "
                          "or fp8")
@@ -148,13 +166,23 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             text_encoder_fp8_exclude_patterns(fam.name, name)  # a family without a policy fails here
     if opts.precision == "fp8" or fp8_encoders:
         from export.calibrate import read_prompts
-        from export.fp8 import require_modelopt
 
         prompts = read_prompts(opts.calibration_prompts)  # fail on a bad file before hours of export
-        require_modelopt()
-    defaults, size_range = _defaults_and_range(folder, opts)
+    defaults, size_range = _defaults_and_range(folder, opts, own, dims, progress)
+    preflight.check_calibration_size(opts.calibration_size, size_range, dims)
     if opts.loras:
         check_loras(folder.path / fam.component("transformer").source, folder.index["_class_name"], opts.loras)
+    preflight.check_tools(opts.precision, opts.text_encoder_precision, opts.target, progress)
+    graph_precision = "fp8" if opts.precision == "fp8" or fp8_encoders else "fp32"
+    sms = preflight.check_targets(opts.target, opts.sms, graph_precision, progress)
+    out = Path(opts.out).absolute()
+    preflight.clean_stale_partials(out.parent, progress)
+    n_engines = len(sms) if opts.target != "onnx" else 0
+    preflight.check_disk(out, preflight.bundle_bytes_estimate(folder, opts.precision, fp8_encoders, n_engines),
+                         progress)
+    preflight.check_memory(preflight.memory_estimate(folder, opts.precision, fp8_encoders), progress,
+                           opts.skip_memory_check)
+    progress(f"[preflight] passed in {time.monotonic() - t0:.1f}s")
     components: dict[str, dict] = {}
     lora_records: list[dict] = []
     started = time.monotonic()
@@ -164,6 +192,9 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
                 continue
             components[spec.name], records = export_one(folder, spec, w.tmp / spec.name, opts.loras, progress)
             lora_records = records or lora_records
+            f = components[spec.name]["fidelity"]
+            components[spec.name]["fidelity_gate"] = gate(spec.name, "fp32", f["cosine"], f["max_rel_err"],
+                                                          opts.accept_low_fidelity)
         for name in fam.tokenizers + ("scheduler",):
             if folder.present(name):
                 shutil.copytree(folder.path / name, w.tmp / name)
@@ -172,9 +203,9 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "source": _source_identity(folder),
             "precision": opts.precision,
             "text_encoder_precision": "fp8" if fp8_encoders else "fp32",
+            # Every shape the runtime needs, from the model's configs (app.bundle.families.model_dims).
             "pipeline": {"is_distilled": bool(folder.index.get("is_distilled", False)),
-                         "vae_scale_factor": vae_scale_factor(folder), "patch": fam.patch,
-                         **_text_length(folder)},
+                         **{k: v for k, v in dims.items() if v is not None}, **_text_length(folder, own)},
             "components": components,
             "loras": lora_records,
             "tokenizers": [t for t in fam.tokenizers if folder.present(t)],
@@ -189,6 +220,13 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             quantize_components(opts, fam, manifest, w.tmp, prompts, fp8_encoders, progress)
         if opts.target != "onnx":
             manifest["engines"] = build_engines(opts, fam, manifest, w.tmp, progress)
+        overridden = {n: c.get(k) for n, c in components.items() for k in ("fidelity_gate", "fp8_fidelity_gate")
+                      if (c.get(k) or {}).get("accepted_low_fidelity")}
+        if overridden:
+            manifest["fidelity_override"] = {"accepted_low_fidelity": True, "components": sorted(overridden),
+                                             "why": "exported with --accept-low-fidelity"}
+            progress(f"warning: kept {', '.join(sorted(overridden))} below the fidelity thresholds "
+                     "(--accept-low-fidelity); the manifest records it")
         return w.commit(manifest)
 
 
@@ -214,8 +252,9 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
                                               lambda _m: None)
         for name in encoders:
             cosines[name] = _quantize_component(root, manifest, name, feeds[name], held_out[name],
-                                                text_encoder_fp8_exclude_patterns(fam.name, name),
-                                                TEXT_ENCODER_HIGH_PRECISION, progress)
+                                                text_encoder_fp8_exclude_patterns(fam.name, name,
+                                                                                  manifest["pipeline"]),
+                                                TEXT_ENCODER_HIGH_PRECISION, progress, opts.accept_low_fidelity)
             current = calibrate.with_component(current, name, f"{name}_fp8/model.onnx")
     if opts.precision == "fp8":
         feeds = calibrate.capture(current, "transformer", prompts, opts.calibration_count,
@@ -223,7 +262,8 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
         k = max(1, len(feeds) // 8)  # the last sampler steps are held out of calibration
         calib, held_out = (feeds[:-k], feeds[-k:]) if len(feeds) > k else (feeds, feeds)
         cosines["transformer"] = _quantize_component(root, manifest, "transformer", calib, held_out,
-                                                     fp8_exclude_patterns(fam.name), "fp16", progress)
+                                                     fp8_exclude_patterns(fam.name), "fp16", progress,
+                                                     opts.accept_low_fidelity)
         current = calibrate.with_component(current, "transformer", "transformer_fp8/model.onnx")
     progress("[fidelity] FP8 vs FP32 images on fixed prompts and seeds")
     ref = calibrate.images(fp32, opts.calibration_size)
@@ -243,7 +283,8 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
 
 
 def _quantize_component(root: Path, manifest: dict, name: str, calibration: list, held_out: list,
-                        patterns: tuple[str, ...], high_precision: str, progress: Progress) -> float:
+                        patterns: tuple[str, ...], high_precision: str, progress: Progress,
+                        accept_low_fidelity: bool = False) -> float:
     """Quantize one exported component to `<name>_fp8/`, record what and how well in its manifest entry;
     returns its worst output cosine vs FP32 on `held_out`."""
     from export.fp8 import fidelity, quantize_fp8
@@ -266,6 +307,7 @@ def _quantize_component(root: Path, manifest: dict, name: str, calibration: list
     if not cos["finite"]:
         raise EdgegenError(f"the FP8 {name} produced NaN or Inf on held-out inputs; export it with "
                            f"{'--precision' if name == 'transformer' else '--text-encoder-precision'} fp32")
+    entry["fp8_fidelity_gate"] = gate(name, "fp8", cos["cosine_min"], cos["max_rel_error"], accept_low_fidelity)
     progress(f"[fidelity] {name} output cosine {cos['cosine_min']:.5f} (held-out, vs FP32), "
              f"{len(report['quantized_nodes'])} layers FP8, file {report['bytes_fp8'] / 2**20:.1f} MiB vs "
              f"{report['bytes_fp32'] / 2**20:.1f} MiB FP32")
@@ -361,11 +403,12 @@ def _check(spec, onnx_path: Path, samples: list[dict], references: list[dict]) -
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-    worst = {"max_abs_err": 0.0, "cosine": 1.0, "shapes": []}
+    worst = {"max_abs_err": 0.0, "max_rel_err": 0.0, "cosine": 1.0, "shapes": []}
     for sample, ref in zip(samples, references):
         got = sess.run(None, {k: v.numpy() for k, v in sample.items()})
         c = compare(ref, {o.name: np.asarray(g) for o, g in zip(spec.outputs, got)})
-        worst["max_abs_err"] = max(worst["max_abs_err"], c["max_abs_err"])
-        worst["cosine"] = min(worst["cosine"], c["cosine"])
+        for key, pick in (("max_abs_err", max), ("max_rel_err", max), ("cosine", min)):
+            # NaN must survive: max/min would silently drop it and a broken graph would pass the gate
+            worst[key] = c[key] if math.isnan(c[key]) or math.isnan(worst[key]) else pick(worst[key], c[key])
         worst["shapes"].append({k: list(v.shape) for k, v in sample.items()})
     return worst

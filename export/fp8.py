@@ -136,17 +136,21 @@ def fidelity(onnx_ref: Path, onnx_q: Path, feeds: list[dict[str, np.ndarray]]) -
     names = [o.name for o in ref.get_outputs()]
     cosines: dict[str, list[float]] = {n: [] for n in names}
     max_abs, finite = {n: 0.0 for n in names}, True
+    ref_max = {n: 0.0 for n in names}
     for feed in feeds:
         for name, a, b in zip(names, ref.run(names, feed), q.run(names, feed)):
             a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
             finite = finite and bool(np.isfinite(b).all())
             cosines[name].append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
             max_abs[name] = max(max_abs[name], float(np.abs(a - b).max()))
+            ref_max[name] = max(ref_max[name], float(np.abs(a).max()))
     per_output = {n: {"cosine_min": min(cosines[n]), "cosine_mean": float(np.mean(cosines[n])),
-                      "max_abs_error": max_abs[n]} for n in names}
+                      "max_abs_error": max_abs[n], "max_rel_error": max_abs[n] / max(ref_max[n], 1e-12)}
+                  for n in names}
     return {"cosine_min": min(o["cosine_min"] for o in per_output.values()),
             "cosine_mean": min(o["cosine_mean"] for o in per_output.values()),
             "max_abs_error": max(o["max_abs_error"] for o in per_output.values()),
+            "max_rel_error": max(o["max_rel_error"] for o in per_output.values()),
             "finite": finite, "samples": len(feeds), "outputs": per_output}
 
 

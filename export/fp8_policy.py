@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app.bundle.families import KLEIN_TEXT_LAYERS
 from app.errors import UsageError
 
 
@@ -63,8 +64,9 @@ TEXT_ENCODER_FP8_EXCLUDE: dict[str, dict[str, tuple[str, ...]]] = {
             _module(r"(?:input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)"),
             # hidden_states[27] is the output of layers.26 (hidden_states[0] is the embedding): the last layer
             # the embedding taps, written into it as is, with no later layer to absorb its error; the deepest
-            # layers also carry the largest activation outliers of an LLM.
-            _module(r"layers\.26"),
+            # layers also carry the largest activation outliers of an LLM. Derived from the one list of tapped
+            # layers (app.bundle.families.KLEIN_TEXT_LAYERS), so the two cannot disagree.
+            _module(rf"layers\.{max(KLEIN_TEXT_LAYERS) - 1}"),
         ),
     },
     "sd3.5": {
@@ -104,10 +106,16 @@ def check_precision(component: str, precision: str) -> None:
         raise UsageError(f"The {component} cannot be built in {precision.upper()}; use BF16 or FP32.")
 
 
-def text_encoder_fp8_exclude_patterns(family: str, component: str) -> tuple[str, ...]:
-    """The regexes of layers that stay FP32 when one of the family's text encoders is quantized to FP8."""
+def text_encoder_fp8_exclude_patterns(family: str, component: str, pipeline: dict | None = None) -> tuple[str, ...]:
+    """The regexes of layers that stay FP32 when one of the family's text encoders is quantized to FP8.
+    `pipeline` (the manifest's section) names the last tapped layer when the model taps other layers."""
     try:
-        return TEXT_ENCODER_FP8_EXCLUDE[family][component]
+        patterns = TEXT_ENCODER_FP8_EXCLUDE[family][component]
     except KeyError:
         raise UsageError(f"No FP8 policy for the {component} of model family {family!r}; "
                          "use --text-encoder-precision fp32.") from None
+    last = (pipeline or {}).get("last_tapped_layer")
+    if family == "flux2-klein" and last is not None and last != max(KLEIN_TEXT_LAYERS) - 1:
+        default = _module(rf"layers\.{max(KLEIN_TEXT_LAYERS) - 1}")
+        patterns = tuple(_module(rf"layers\.{last}") if p == default else p for p in patterns)
+    return patterns

@@ -142,13 +142,18 @@ def _name_dims(model, spec: ComponentSpec) -> None:
 
 
 def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> dict:
-    """Worst max-abs error and cosine similarity over all outputs."""
-    worst_err, worst_cos = 0.0, 1.0
+    """Worst max-abs error, max error relative to the output's largest magnitude, and cosine similarity over
+    all outputs. NaN anywhere makes every figure NaN, so no gate can pass it."""
+    worst_err, worst_rel, worst_cos = 0.0, 0.0, 1.0
     for name, ref in reference.items():
         a = np.asarray(actual[name], dtype=np.float64).ravel()
         r = np.asarray(ref, dtype=np.float64).ravel()
-        worst_err = max(worst_err, float(np.max(np.abs(a - r))) if r.size else 0.0)
+        if not (np.isfinite(a).all() and np.isfinite(r).all()):
+            return {"max_abs_err": float("nan"), "max_rel_err": float("nan"), "cosine": float("nan")}
+        err = float(np.max(np.abs(a - r))) if r.size else 0.0
+        worst_err = max(worst_err, err)
+        worst_rel = max(worst_rel, err / max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-12))
         denom = np.linalg.norm(a) * np.linalg.norm(r)
         cos = float(a @ r / denom) if denom > 0 else float(np.allclose(a, r))
         worst_cos = min(worst_cos, cos)
-    return {"max_abs_err": worst_err, "cosine": worst_cos}
+    return {"max_abs_err": worst_err, "max_rel_err": worst_rel, "cosine": worst_cos}

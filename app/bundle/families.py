@@ -61,8 +61,18 @@ class FamilySpec:
         return next(c for c in self.components if c.name == name)
 
 
-# Axes that vary per call. Other named dims (text_dim, latent_channels, ...) are fixed by the model config.
+# Axes that vary per call. Other named dims (text_dim, latent_channels, packed_channels, ...) are fixed by the
+# model config (see model_dims).
 DYNAMIC_DIMS = frozenset({"batch", "text_seq", "img_seq", "latent_height", "latent_width", "height", "width"})
+
+
+# Flux2KleinPipeline's text_encoder_out_layers default: the Qwen3 hidden states it stacks into the prompt
+# embedding (hidden_states[0] is the token embedding, so hidden_states[k] is the output of layer k-1).
+KLEIN_TEXT_LAYERS = (9, 18, 27)
+# Prompt lengths the pipelines pad to, per family: diffusers' own defaults (Flux2KleinPipeline
+# max_sequence_length=512; SD3: CLIP tokenizers' 77, StableDiffusion3Pipeline max_sequence_length=256).
+KLEIN_MAX_TOKENS = 512
+SD3_CLIP_TOKENS, SD3_T5_TOKENS = 77, 256
 
 
 def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
@@ -103,7 +113,7 @@ FLUX2_KLEIN = FamilySpec(
         ),
         ComponentSpec(
             "vae_decoder", "vae", "klein_vae_decoder",
-            inputs=(_t("latents", "float32", "batch", 128, "latent_height", "latent_width"),),
+            inputs=(_t("latents", "float32", "batch", "packed_channels", "latent_height", "latent_width"),),
             outputs=(_t("image", "float32", "batch", 3, "height", "width"),),
             role="vae_decoder",
         ),
@@ -113,7 +123,7 @@ FLUX2_KLEIN = FamilySpec(
     trace_grids=((4, 6), (5, 3)),
     size_range=(256, 2048),
     uses_negative_prompt=False,
-    text_lengths={"text_encoder": 512, "transformer": 512},
+    text_lengths={"text_encoder": KLEIN_MAX_TOKENS, "transformer": KLEIN_MAX_TOKENS},
     defaults=_klein_defaults,
 )
 
@@ -159,7 +169,8 @@ SD3 = FamilySpec(
     trace_grids=((8, 12), (10, 6)),  # 5x3 patches: odd counts catch wrong dynamic-shape arithmetic
     size_range=(256, 1536),
     uses_negative_prompt=True,
-    text_lengths={"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256, "transformer": 77 + 256},
+    text_lengths={"text_encoder": SD3_CLIP_TOKENS, "text_encoder_2": SD3_CLIP_TOKENS, "text_encoder_3": SD3_T5_TOKENS,
+                  "transformer": SD3_CLIP_TOKENS + SD3_T5_TOKENS},
     cfg_batched=("transformer",),
     defaults=_sd3_defaults,
 )
@@ -192,3 +203,105 @@ def read_model_index(folder: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelFolderError(f"cannot read {path}: {e}; point --model at a diffusers model folder") from None
+
+
+# ---------------------------------------------------------------- dimensions from the model's own configs
+
+
+
+def _config(folder: Path, source: str) -> dict:
+    path = Path(folder) / source / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"cannot read {path} ({e.__class__.__name__}); copy the complete model folder") from None
+    if not isinstance(cfg, dict):
+        raise ModelFolderError(f"{path} is not a JSON object; copy the complete model folder")
+    return cfg
+
+
+def _int(cfg: dict, key: str, where: str, default=None) -> int:
+    v = cfg.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ModelFolderError(f"{where}/config.json {key} = {v!r} is not a positive integer; the folder is damaged")
+    return v
+
+
+def _unsupported(where: str, field: str, value, why: str) -> ModelFolderError:
+    return ModelFolderError(f"unsupported model: {where}/config.json {field} = {value!r}; {why}")
+
+
+def model_dims(folder: Path, family: FamilySpec, index: dict, max_sequence_length: int | None = None) -> dict:
+    """Every dimension export and the runtime need, read from the folder's config.json files (no torch), and
+    checked for agreement between components. Raises ModelFolderError naming the one unsupported field.
+
+    The result is recorded as the manifest's `pipeline` section; the runtime reads shapes from there."""
+    present = lambda s: isinstance(index.get(s), list) and index[s][0] is not None  # noqa: E731
+    vae = _config(folder, "vae")
+    blocks = vae.get("block_out_channels")
+    if not isinstance(blocks, list) or not blocks:
+        raise ModelFolderError("vae/config.json has no block_out_channels list; the folder is damaged")
+    scale = 2 ** (len(blocks) - 1)  # diffusers: 2 ** (len(block_out_channels) - 1)
+    tr = _config(folder, "transformer")
+    if family.name == "flux2-klein":
+        latent = _int(vae, "latent_channels", "vae", 32)
+        vpatch = vae.get("patch_size", [2, 2])
+        if list(vpatch) != [2, 2]:
+            raise _unsupported("vae", "patch_size", vpatch, "Flux2KleinPipeline packs latents in 2x2 patches only")
+        packed = latent * 4
+        if _int(tr, "patch_size", "transformer", 1) != 1:
+            raise _unsupported("transformer", "patch_size", tr.get("patch_size"),
+                               "FLUX.2 transformers take packed tokens (patch_size 1)")
+        if _int(tr, "in_channels", "transformer", 128) != packed:
+            raise _unsupported("transformer", "in_channels", tr.get("in_channels"),
+                               f"it must be 4 x the VAE's latent_channels ({latent}), i.e. {packed}")
+        te = _config(folder, "text_encoder")
+        layers = _int(te, "num_hidden_layers", "text_encoder")
+        if layers < max(KLEIN_TEXT_LAYERS):
+            raise _unsupported("text_encoder", "num_hidden_layers", layers,
+                               f"Flux2KleinPipeline stacks hidden states {KLEIN_TEXT_LAYERS}, so it needs at least "
+                               f"{max(KLEIN_TEXT_LAYERS)} layers")
+        hidden = _int(te, "hidden_size", "text_encoder")
+        joint = _int(tr, "joint_attention_dim", "transformer", 15360)
+        if joint != len(KLEIN_TEXT_LAYERS) * hidden:
+            raise _unsupported("transformer", "joint_attention_dim", joint,
+                               f"it must be {len(KLEIN_TEXT_LAYERS)} x the text encoder's hidden_size ({hidden})")
+        text = max_sequence_length or KLEIN_MAX_TOKENS
+        return {"vae_scale_factor": scale, "patch": family.patch, "latent_channels": latent,
+                "packed_channels": packed, "transformer_in_channels": packed, "text_dim": joint,
+                "text_encoder_layers": list(KLEIN_TEXT_LAYERS), "last_tapped_layer": max(KLEIN_TEXT_LAYERS) - 1,
+                "text_lengths": {**family.text_lengths, "text_encoder": text, "transformer": text}, "max_size_px": None}
+    # SD3 / SD3.5
+    latent = _int(vae, "latent_channels", "vae", 16)
+    in_ch = _int(tr, "in_channels", "transformer", 16)
+    if in_ch != latent:
+        raise _unsupported("transformer", "in_channels", in_ch, f"it must equal the VAE's latent_channels ({latent})")
+    out_ch = tr.get("out_channels") or in_ch
+    if out_ch != latent:
+        raise _unsupported("transformer", "out_channels", out_ch, f"it must equal the VAE's latent_channels ({latent})")
+    patch = _int(tr, "patch_size", "transformer", 2)
+    table = tr.get("pos_embed_max_size", 96)
+    if table is not None and (not isinstance(table, int) or table <= 0):
+        raise _unsupported("transformer", "pos_embed_max_size", table, "it must be a positive integer")
+    joint = _int(tr, "joint_attention_dim", "transformer", 4096)
+    clip_hidden, pooled = 0, 0
+    for name in ("text_encoder", "text_encoder_2"):
+        c = _config(folder, name)
+        clip_hidden += _int(c, "hidden_size", name)
+        pooled += _int(c, "projection_dim", name, 512)
+    if _int(tr, "pooled_projection_dim", "transformer", 2048) != pooled:
+        raise _unsupported("transformer", "pooled_projection_dim", tr.get("pooled_projection_dim"),
+                           f"it must be the two CLIP encoders' projection_dim together ({pooled})")
+    if present("text_encoder_3"):
+        t5 = _int(_config(folder, "text_encoder_3"), "d_model", "text_encoder_3")
+        if t5 != joint:
+            raise _unsupported("transformer", "joint_attention_dim", joint, f"it must equal T5's d_model ({t5})")
+    if joint < clip_hidden:
+        raise _unsupported("transformer", "joint_attention_dim", joint,
+                           f"the two CLIP hidden states ({clip_hidden} wide together) are padded to it, so it "
+                           f"must be at least {clip_hidden}")
+    return {"vae_scale_factor": scale, "patch": patch, "latent_channels": latent, "transformer_in_channels": latent,
+            "text_dim": joint, "pooled_dim": pooled, "pos_embed_max_size": table,
+            "text_lengths": dict(family.text_lengths),
+            # The position table bounds the image: pos_embed_max_size patches per side.
+            "max_size_px": table * patch * scale if table else None}

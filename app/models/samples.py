@@ -25,7 +25,8 @@ def _klein_samples(pipe, component: str, batch: int, h: int, w: int, text_len: i
             "txt_ids": txt.unsqueeze(0).expand(batch, -1, -1).contiguous(),
         }
     if component == "vae_decoder":
-        return {"latents": torch.randn(batch, 128, h, w, generator=g)}
+        packed = pipe.vae.config.latent_channels * 4  # 2x2-patchified latents, as the transformer sees them
+        return {"latents": torch.randn(batch, packed, h, w, generator=g)}
     raise KeyError(component)
 
 

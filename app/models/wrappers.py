@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from app.bundle.families import KLEIN_TEXT_LAYERS
+
 
 class Fp32RopePosEmbed(nn.Module):
     """Flux2PosEmbed computed in float32: diffusers uses float64 on CPU, which ONNX Runtime's Cos lacks and
@@ -36,7 +38,7 @@ class Fp32RopePosEmbed(nn.Module):
 class KleinTextEncoder(nn.Module):
     """Qwen3 hidden states of the chosen layers, stacked as Flux2KleinPipeline._get_qwen3_prompt_embeds does."""
 
-    def __init__(self, text_encoder: nn.Module, layers: tuple[int, ...] = (9, 18, 27)):
+    def __init__(self, text_encoder: nn.Module, layers: tuple[int, ...] = KLEIN_TEXT_LAYERS):
         super().__init__()
         self.text_encoder, self.layers = text_encoder, tuple(layers)
 
@@ -64,7 +66,7 @@ class KleinTransformer(nn.Module):
 
 
 class KleinVaeDecoder(nn.Module):
-    """Packed 128-channel latents -> image in [-1, 1]: batch-norm de-normalisation, 2x2 unpatchify, decode."""
+    """Packed latents (4 x the VAE's latent_channels) -> image in [-1, 1]: batch-norm de-normalisation, 2x2 unpatchify, decode."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()

@@ -53,7 +53,13 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
                 result = pipe.generate(req, on_step=on_step)
         for w in result.warnings:
             say(f"warning: {w}")
-        written.append(save_png(path, result.image, image_metadata(bundle, be, result)))
+        try:
+            written.append(save_png(path, result.image, image_metadata(bundle, be, result)))
+        except OSError as e:  # disk full, folder removed or read-only meanwhile: nothing half-written stays
+            from app.errors import EnvironmentProblem
+
+            raise EnvironmentProblem(f"cannot write {path}: {e.strerror or e}; free space or choose another "
+                                     "--out") from None
         _audit(bundle, be, result, path)
     return written
 

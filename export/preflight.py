@@ -1,0 +1,231 @@
+"""Checks that run before an export loads its first component: tools, targets, sizes, disk and memory.
+
+Everything here reads configs, safetensors headers and the machine, never weights, so a doomed export is
+refused in seconds, one line each, instead of after an hour of export and calibration.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from app.errors import EnvironmentProblem, UsageError
+
+GiB = 2**30
+# Peak RSS of a one-component FP32 export over that component's FP32 weight bytes: measured 1.08 (Klein 4B
+# transformer) to 1.49 (Qwen3-4B encoder); tests/test_export_memory.py holds it under 1.5.
+EXPORT_PEAK_RATIO = 1.5
+PROCESS_BASE = 1 * GiB  # torch, diffusers, transformers and ONNX Runtime imported, before any weights
+DISK_MARGIN = 64 * 2**20  # tokenizers, scheduler, manifest, file-system slack
+ENGINE_RATIO = 1.25  # engine bytes over ONNX bytes (TensorRT-RTX FP32: 32 MB engine from a 26.5 MB graph)
+PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+
+Say = Callable[[str], None]
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------- tools
+
+
+def _version(module: str) -> str:
+    return str(getattr(sys.modules[module], "__version__", "?"))
+
+
+def check_tools(precision: str, text_precision: str, target: str, say: Say) -> dict[str, str]:
+    """Import what the requested export will use, in the order it will use it; returns {tool: version}."""
+    found = {}
+    for module, why in (("onnx", "the ONNX export"), ("onnxscript", "the ONNX export"),
+                        ("onnxruntime", "checking every exported graph against PyTorch")):
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # ImportError, or a wheel whose native library is missing
+            raise UsageError(f"{module} is not usable here ({type(e).__name__}: {e}); it is needed for {why}: "
+                             f"pip install 'edgegen[cpu]' (or [gpu])") from None
+        found[module] = _version(module)
+    if "fp8" in (precision, text_precision):
+        from export.fp8 import require_modelopt
+
+        require_modelopt()
+        found["modelopt"] = _version("modelopt")
+    if target != "onnx":
+        from app.runtime.engine.trt import flavour_info, import_trt
+
+        found[flavour_info(target).label] = str(import_trt(target).__version__)
+    say("[preflight] tools: " + ", ".join(f"{k} {v}" for k, v in found.items()))
+    return found
+
+
+def check_targets(target: str, sms: tuple[str, ...], precision: str, say: Say) -> tuple[str, ...]:
+    """The compute capabilities engines will be built for, each checked against the graph's precision."""
+    if target == "onnx":
+        if sms:
+            say(f"[preflight] --sm {','.join(sms)} ignored: --target onnx builds no engines")
+        return ()
+    from export.engines import _resolve_sm, flavour_info
+
+    fl = flavour_info(target)
+    if not sms and fl.aot_targets is not None:
+        raise UsageError(f"--target {target} needs --sm, e.g. --sm 89,120 ({fl.label} targets "
+                         f"sm{', sm'.join(fl.aot_targets)}; see: edgegen plan)")
+    resolved = tuple(_resolve_sm(fl, sm, precision) for sm in (sms or (None,)))
+    say(f"[preflight] {fl.label} engines for sm{', sm'.join(resolved)} ({precision.upper()})")
+    return resolved
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def check_calibration_size(size: int | None, size_range: dict, dims: dict) -> None:
+    if size is None:
+        return
+    lo, hi, m = size_range["min"], size_range["max"], size_range["multiple"]
+    limit = dims.get("max_size_px")
+    if limit and size > limit:
+        raise UsageError(f"--calibration-size {size} exceeds this model's position table ({limit} px per side: "
+                         f"pos_embed_max_size {dims.get('pos_embed_max_size')}); use at most {limit}")
+    if size % m or not lo <= size <= hi:
+        raise UsageError(f"--calibration-size {size} must be a multiple of {m} within the bundle's size range "
+                         f"{lo}-{hi} px")
+
+
+# ---------------------------------------------------------------- stale partial exports
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine; True when that cannot be told (never delete then)."""
+    if pid == os.getpid():
+        return True
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except ImportError:
+        pass
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def clean_stale_partials(parent: Path, say: Say) -> int:
+    """Remove `.NAME.partial-PID` folders (and `.NAME.old-PID` leftovers of an interrupted replace) whose
+    process is gone; an `.old` one whose bundle NAME is missing is the only copy left, so it is put back.
+    Returns the bytes freed."""
+    freed = 0
+    if not parent.is_dir():
+        return 0
+    for p in sorted(parent.iterdir()):
+        m = PARTIAL.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink() or pid_alive(int(m["pid"])):
+            continue
+        final = parent / m["name"]
+        if m["kind"] == "old" and not final.exists():
+            os.rename(p, final)
+            say(f"[preflight] restored {final} from {p.name}, left by an interrupted --overwrite")
+            continue
+        size = tree_bytes(p)
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            freed += size
+            say(f"[preflight] removed {p.name}, left by an export that no longer runs (pid {m['pid']}): "
+                f"{fmt_gib(size)} freed")
+    return freed
+
+
+# ---------------------------------------------------------------- disk and memory
+
+
+def _fp32_bytes(folder) -> dict[str, int]:
+    """FP32 bytes of every present component (ONNX graphs are written in FP32 whatever the source dtype)."""
+    return {spec.name: folder.weights[spec.source][0] * 4 for spec in folder.family.components
+            if spec.source in folder.weights}
+
+
+def bundle_bytes_estimate(folder, precision: str, fp8_encoders: tuple[str, ...], n_engines: int) -> int:
+    """Peak bytes the export writes: every FP32 graph, plus the FP8 copies while both exist, plus engines."""
+    fp32 = _fp32_bytes(folder)
+    quantized = {n for n in fp32 if n in fp8_encoders or (precision == "fp8" and n == "transformer")}
+    fp8 = sum(fp32[n] // 2 for n in quantized)  # FP8 weights + FP16 high-precision parts, and ModelOpt's temp
+    final = sum(b for n, b in fp32.items() if n not in quantized) + sum(fp32[n] // 4 for n in quantized)
+    return sum(fp32.values()) + fp8 + int(final * ENGINE_RATIO) * n_engines + DISK_MARGIN
+
+
+def free_bytes(path: Path) -> int:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_disk(out: Path, need: int, say: Say) -> None:
+    free = free_bytes(out.parent)
+    if need > free:
+        raise EnvironmentProblem(f"not enough disk space for the bundle at {out.parent}: the export needs about "
+                                 f"{fmt_gib(need)}, {fmt_gib(free)} is free; free space or choose another --out")
+    say(f"[preflight] disk: about {fmt_gib(need)} needed, {fmt_gib(free)} free at {out.parent}")
+
+
+def available_memory() -> int | None:
+    """RAM a new allocation can get now (available + free swap), or None when the OS does not say."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available + psutil.swap_memory().free)
+    except ImportError:
+        pass
+    try:
+        info = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info[key] = int(value.split()[0]) * 1024
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def memory_estimate(folder, precision: str, fp8_encoders: tuple[str, ...]) -> int:
+    """Peak RSS: one component's export at a time (EXPORT_PEAK_RATIO); FP8 calibration opens the whole FP32
+    bundle in ONNX Runtime and ModelOpt holds about two copies of the graph it quantizes."""
+    fp32 = _fp32_bytes(folder)
+    peak = EXPORT_PEAK_RATIO * max(fp32.values(), default=0)
+    quantized = [n for n in fp32 if n in fp8_encoders or (precision == "fp8" and n == "transformer")]
+    if quantized:
+        peak = max(peak, sum(fp32.values()) + 2 * max(fp32[n] for n in quantized))
+    return int(peak + PROCESS_BASE)
+
+
+def check_memory(need: int, say: Say, skip: bool = False) -> None:
+    have = available_memory()
+    if have is None:
+        say(f"[preflight] memory: about {fmt_gib(need)} needed; this OS does not report what is available")
+        return
+    if need > have and not skip:
+        raise EnvironmentProblem(f"not enough memory: the export needs about {fmt_gib(need)} of RAM, "
+                                 f"{fmt_gib(have)} is available; close other programs, export on a machine with "
+                                 "more RAM (or without fp8), or pass --skip-memory-check to try anyway")
+    say(f"[preflight] memory: about {fmt_gib(need)} needed, {fmt_gib(have)} available"
+        + (" (check skipped)" if need > have else ""))
