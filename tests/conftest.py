@@ -24,10 +24,19 @@ def _isolated_user_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("EDGEGEN_REQUIRE_SIGNED", raising=False)
 
 
+def _dev_copy(name: str) -> Path | None:
+    """EDGEGEN_DEV_BUNDLES=DIR (developers only, never CI): reuse DIR/<name> exported earlier instead of
+    exporting again; stale copies are the developer's problem, so CI never sets it."""
+    d = os.environ.get("EDGEGEN_DEV_BUNDLES")
+    return Path(d) / name if d and (Path(d) / name).is_dir() else None
+
+
 @pytest.fixture(scope="session")
 def klein_model(tmp_path_factory) -> Path:
     from export import synthetic
 
+    if dev := _dev_copy("klein-model"):
+        return dev
     return synthetic.save(synthetic.build_klein(), tmp_path_factory.mktemp("models") / "tiny-klein")
 
 
@@ -35,6 +44,8 @@ def klein_model(tmp_path_factory) -> Path:
 def sd3_model(tmp_path_factory) -> Path:
     from export import synthetic
 
+    if dev := _dev_copy("sd3-model"):
+        return dev
     return synthetic.save(synthetic.build_sd3(), tmp_path_factory.mktemp("models") / "tiny-sd3")
 
 
@@ -48,9 +59,9 @@ def export_via_cli(model: Path, out: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="session")
 def klein_bundle(klein_model, tmp_path_factory) -> Path:
-    return export_via_cli(klein_model, tmp_path_factory.mktemp("bundles") / "klein-fp32")
+    return _dev_copy("klein") or export_via_cli(klein_model, tmp_path_factory.mktemp("bundles") / "klein-fp32")
 
 
 @pytest.fixture(scope="session")
 def sd3_bundle(sd3_model, tmp_path_factory) -> Path:
-    return export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp32")
+    return _dev_copy("sd3") or export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp32")

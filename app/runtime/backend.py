@@ -22,31 +22,75 @@ BackendName = Literal["auto", "onnxruntime", "tensorrt", "torch"]
 
 
 class Backend(Protocol):
-    """Runs one bundle component on named torch tensors and returns named torch tensors."""
+    """Runs one bundle component on named torch tensors and returns named torch tensors, all on `device`.
+
+    Inputs must already be on `device` (a tensor elsewhere is a caller bug, refused or raised by torch). Returned
+    tensors are valid until the next run of the same component: engine backends reuse their output buffers, so
+    a caller copies what it keeps across runs of one component."""
 
     name: str
+    device: torch.device
 
     def run(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def release(self, component: str) -> None:
+        """Free what `component` holds on the device (low-VRAM staging); it reloads on its next run."""
 
     def describe(self) -> str: ...
 
 
-def make_backend(bundle: Bundle, requested: BackendName = "auto", model: Path | None = None) -> tuple[Backend, str]:
-    """The backend to use and a sentence saying why; explicit requests never fall back silently."""
+class RoutedBackend:
+    """Components split over backends on one device: engines where the bundle has them, the rest elsewhere."""
+
+    def __init__(self, main: Backend, others: Mapping[str, Backend]):
+        self.main, self.others = main, dict(others)
+        self.name, self.device = main.name, main.device
+        for c, b in self.others.items():
+            if b.device != self.device:
+                raise ValueError(f"{c} would run on {b.device}, the rest on {self.device}")
+
+    def run(self, component, inputs):
+        return self.others.get(component, self.main).run(component, inputs)
+
+    def release(self, component: str) -> None:
+        self.others.get(component, self.main).release(component)
+
+    def describe(self) -> str:
+        rest = {}
+        for c, b in self.others.items():
+            rest.setdefault(b.describe(), []).append(c)
+        return self.main.describe() + "".join(f"; {', '.join(cs)} on {d}" for d, cs in rest.items())
+
+
+def make_backend(bundle: Bundle, requested: BackendName = "auto", model: Path | None = None,
+                 device: torch.device | None = None) -> tuple[Backend, str]:
+    """The backend to use and a sentence saying why; explicit requests never fall back silently.
+
+    `device` (from --device) picks the GPU; by default CUDA device 0 when torch can use it, else the CPU."""
+    from app.runtime.device import resolve
+
+    dev = resolve(device)
     if requested == "torch":
         from app.runtime.torch_backend import TorchBackend
 
-        return TorchBackend(bundle, model), "PyTorch reference, as requested"
-    choice, reason = _choice(bundle, requested)
+        return TorchBackend(bundle, model, dev.torch), f"PyTorch reference on {dev}, as requested"
+    choice, reason = _choice(bundle, requested, dev)
     if choice == "tensorrt":
         from app.runtime.engine.runner import TensorRTBackend
 
-        backend = TensorRTBackend(bundle.root, _engines_by_component(bundle),
-                                  source_model=bundle.manifest["source"]["path"])
+        engines = _engines_by_component(bundle)
+        backend = TensorRTBackend(bundle.root, engines, source_model=bundle.manifest["source"]["path"],
+                                  device=dev.torch.index, gpu=dev.gpu)
+        missing = [c for c in bundle.components() if not engines.get(c)]
+        if missing:
+            from app.runtime.ort_backend import OrtBackend
+
+            rest = OrtBackend(bundle, dev.torch)  # refuses with the fix when ONNX Runtime has no CUDA provider
+            backend = RoutedBackend(backend, {c: rest for c in missing})
         return backend, reason
     from app.runtime.ort_backend import OrtBackend
 
-    return OrtBackend(bundle, "cuda" if choice == "onnxruntime-cuda" else "cpu"), reason
+    return OrtBackend(bundle, dev.torch if choice == "onnxruntime-cuda" else torch.device("cpu")), reason
 
 
 def _engines_by_component(bundle: Bundle) -> dict[str, list[dict]]:
@@ -56,18 +100,19 @@ def _engines_by_component(bundle: Bundle) -> dict[str, list[dict]]:
     return out
 
 
-def _choice(bundle: Bundle, requested: str) -> tuple[str, str]:
+def _choice(bundle: Bundle, requested: str, dev) -> tuple[str, str]:
     import onnxruntime as ort
 
     from app.planning.devices import read_gpus
     from app.runtime.engine.trt import installed_versions
 
+    # The resolved CUDA device's GPU, not NVML's first one: the two can number GPUs differently.
+    gpus = [dev.gpu] if dev.is_cuda else read_gpus()
     return choose_backend(
-        requested, gpus=read_gpus(), engines=_engines_by_component(bundle), installed=installed_versions(),
-        ort_providers=ort.get_available_providers(), torch_cuda=torch.cuda.is_available(),
-        source=bundle.manifest["source"]["path"], bundle=str(bundle.root),
+        requested, gpus=gpus, engines=_engines_by_component(bundle), installed=installed_versions(),
+        ort_providers=ort.get_available_providers(), torch_cuda=dev.is_cuda,
+        source=bundle.manifest["source"]["path"], bundle=str(bundle.root), components=list(bundle.components()),
     )
-
 
 
 def choose_backend(
@@ -80,6 +125,7 @@ def choose_backend(
     torch_cuda: bool = True,
     source: str = "<model>",
     bundle: str | Path = "<bundle>",
+    components: Sequence[str] | None = None,
 ) -> tuple[str, str]:
     """(choice, one-sentence reason) for --backend: tensorrt, onnxruntime-cuda, onnxruntime-cpu or torch.
 
@@ -130,10 +176,16 @@ def choose_backend(
             )
             if requested == "tensorrt":
                 raise UsageError(f"--backend tensorrt: {why_not}.")
+        elif not bad and (rest := sorted(set(components or engines) - set(with_engines))) and not has_cuda_ort:
+            # Components without an engine would have to run on ONNX Runtime CUDA next to the engines; without
+            # that provider the whole pipeline runs on ONNX Runtime CPU (never half on the CPU, half on the GPU).
+            why_not = (f"the bundle has no engine for {', '.join(rest)} and ONNX Runtime here has no CUDA provider "
+                       f"(rebuild: {rebuild_command(source, bundle, gpu.sm)})")
+            if requested == "tensorrt":
+                raise BundleError(f"--backend tensorrt: {why_not}; or install onnxruntime-gpu.")
         elif not bad:
             rec0 = find_engine(next(iter(with_engines.values())), gpu.sm, installed)[0]
-            rest = sorted(set(engines) - set(with_engines))
-            tail = f"; {', '.join(rest)} without an engine run on ONNX Runtime" if rest else ""
+            tail = f"; {', '.join(rest)} without an engine run on ONNX Runtime CUDA" if rest else ""
             return "tensorrt", (
                 f"{LABELS[rec0['flavour']]} {short_version(rec0['version'])}: the bundle's engines match "
                 f"{gpu.name} (sm{gpu.sm}){tail}"

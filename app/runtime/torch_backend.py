@@ -15,11 +15,12 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, model: Path | None = None):
+    def __init__(self, bundle: Bundle, model: Path | None = None, device: torch.device | None = None):
         from app.bundle.files import sha256_file
         from app.bundle.modelfolder import inspect_folder
 
         self.bundle = bundle
+        self.device = device or torch.device("cpu")
         src = Path(model or bundle.manifest["source"]["path"])
         if not (src / "model_index.json").is_file():
             raise BundleError(f"the PyTorch reference needs the source model folder {src}, which is not here; "
@@ -35,7 +36,7 @@ class TorchBackend:
             from app.models.wrappers import wrap
 
             spec = self.folder.family.component(component)
-            self._modules[component] = wrap(spec, load_component(self.folder, spec.source))
+            self._modules[component] = wrap(spec, load_component(self.folder, spec.source)).to(self.device)
         return self._modules[component]
 
     def run(self, component, inputs):
@@ -45,6 +46,11 @@ class TorchBackend:
         out = out if isinstance(out, tuple) else (out,)
         return {t.name: o for t, o in zip(spec.outputs, out)}
 
+    def release(self, component: str) -> None:
+        if self._modules.pop(component, None) is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def describe(self) -> str:
-        return "PyTorch reference (diffusers modules, FP32)"
+        where = "" if self.device.type == "cpu" else f" on {self.device}"
+        return f"PyTorch reference (diffusers modules, FP32){where}"
 

@@ -1,16 +1,21 @@
-"""TensorRTBackend: load a checked engine, keep its context, run it on torch CUDA tensors.
+"""Engine backends: sessions per component on one CUDA device; TensorRTBackend loads them from checked plans.
 
-Written against the documented TensorRT 11 / TensorRT-RTX 1.7 Python API; it has NEVER run on a GPU
-(VERIFIED_ON_HARDWARE). The tests marked `gpu` cover it.
+`EngineBackend` is the part every engine shares (open a session on first use, run it, release it for
+low-VRAM staging). `TensorRTBackend` adds deserialisation, the TensorRT-RTX runtime cache and weight
+streaming; that part is written against the documented TensorRT 11 / TensorRT-RTX 1.7 Python API and has
+NEVER run on a GPU (VERIFIED_ON_HARDWARE). The CPU suite drives EngineBackend and EngineSession with a
+stand-in context on fake CUDA tensors (tests/test_device_pipeline.py); the tests marked `gpu` cover the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from app.bundle.files import atomic_write_bytes
 from app.errors import BundleError, EdgegenError, UsageError
@@ -21,34 +26,74 @@ from app.runtime.engine.compat import (
     rebuild_command,
     runtime_cache_path,
 )
-from app.runtime.engine.shapes import DTYPES, Shape, plan_buffers, select_profile, validate_inputs
+from app.runtime.engine.session import EngineSession
+from app.runtime.engine.shapes import Shape
 from app.runtime.engine.trt import LABELS, _logger, import_trt, installed_versions, short_version
 
 VERIFIED_ON_HARDWARE = False  # deserialise/execute/runtime-cache paths have never run on a GPU
 
 
+class EngineBackend:
+    """Runs each component through an EngineSession on one CUDA device; subclasses say how a session opens.
+
+    Not thread-safe: one caller at a time (the app and server run one job per GPU)."""
+
+    name = "tensorrt"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._sessions: dict[str, EngineSession] = {}
+
+    def open_session(self, component: str) -> EngineSession:
+        raise NotImplementedError
+
+    def session(self, component: str) -> EngineSession:
+        if component not in self._sessions:
+            self._sessions[component] = self.open_session(component)
+        return self._sessions[component]
+
+    def run(self, component: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs on `self.device`; outputs on it too, valid until the next run of the same component."""
+        return self.session(component)(inputs)
+
+    def release(self, component: str) -> None:
+        """Free a component's engine, buffers and activation memory (low-VRAM staging)."""
+        s = self._sessions.pop(component, None)
+        if s is not None:
+            s.release()
+        self.on_release(component)
+
+    def on_release(self, component: str) -> None:
+        pass
+
+    def close(self) -> None:
+        for c in list(self._sessions):
+            self.release(c)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
 class _Loaded:
     record: Mapping[str, Any]
-    trt: Any
     runtime: Any
     engine: Any
     context: Any
-    io: dict[str, dict[str, dict]]
-    profiles: list[dict[str, tuple[Shape, Shape, Shape]]]
-    stream: Any
     runtime_config: Any = None
     runtime_cache: Any = None
     cache_path: Path | None = None
     cache_saved: bool = False
-    keep: list = field(default_factory=list)
 
 
-class TensorRTBackend:
-    """Runs each component's engine. Components load on first use and can be unloaded for low-VRAM staging.
+class TensorRTBackend(EngineBackend):
+    """Each component's engine from the bundle, loaded on first use and released for low-VRAM staging.
 
     `engines` maps component -> candidate engine records from the manifest (one per target SM); the one built
-    for this GPU is chosen and checked before anything is deserialised. Not thread-safe: one caller at a time.
+    for this GPU is chosen and checked before anything is deserialised.
     """
 
     def __init__(
@@ -65,9 +110,9 @@ class TensorRTBackend:
     ):
         from app.planning.devices import current_cuda_gpu
 
+        super().__init__(torch.device("cuda", device))
         self.bundle_dir = Path(bundle_dir)
         self.source_model = source_model
-        self.device = device
         self.gpu = gpu or current_cuda_gpu(device)
         if self.gpu is None:
             raise UsageError(
@@ -94,13 +139,11 @@ class TensorRTBackend:
         return rebuild_command(self.source_model, self.bundle_dir, self.gpu.sm)
 
     # -- loading
-    def load(self, component: str) -> _Loaded:
-        if component in self._loaded:
-            return self._loaded[component]
+    def open_session(self, component: str) -> EngineSession:
         if component not in self.records:
-            raise ValueError(f"no engine for component {component}; have {sorted(self.records)}")
-        import torch
-
+            raise BundleError(f"the bundle {self.bundle_dir} has no engine for {component}; rebuild it with: "
+                              f"{self._rebuild()}")
+        index = self.device.index
         rec = self.records[component]
         path = engine_file(self.bundle_dir, rec)
         blob = path.read_bytes()
@@ -110,8 +153,8 @@ class TensorRTBackend:
                 f"{path} does not match its checksum in the manifest; the bundle was modified or "
                 f"damaged; rebuild it with: {self._rebuild()}"
             )
-        torch.cuda.set_device(self.device)
-        torch.zeros(1, device=f"cuda:{self.device}")  # make the primary CUDA context current for TensorRT
+        torch.cuda.set_device(index)
+        torch.zeros(1, device=self.device)  # make the primary CUDA context current for TensorRT
         trt = import_trt(rec["flavour"])
         runtime = trt.Runtime(_logger(trt))
         runtime.engine_host_code_allowed = False  # never run host code embedded in a plan
@@ -131,11 +174,12 @@ class TensorRTBackend:
         del blob
         if rec.get("weight_streaming") and component in self.budgets:
             engine.weight_streaming_budget_v2 = int(self.budgets[component])
-        # One profile: allocate once. Several: only the active profile's memory (matters in low-VRAM stages).
+        # Activation memory sized per request (the session asks for the size of the shapes at hand), not
+        # STATIC for the profile's largest shapes: a 256..2048 profile would reserve 2048-px activations.
+        user_memory = hasattr(trt.ExecutionContextAllocationStrategy, "USER_MANAGED")
         strategy = (
-            trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE
-            if engine.num_optimization_profiles > 1
-            else trt.ExecutionContextAllocationStrategy.STATIC
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED if user_memory
+            else trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE
         )
         rc = cache = cache_path = None
         if hasattr(engine, "create_runtime_config"):
@@ -175,21 +219,20 @@ class TensorRTBackend:
         profiles = [
             {n: profile_shape(n, p) for n in io["inputs"]} for p in range(engine.num_optimization_profiles)
         ]
-        loaded = _Loaded(
-            rec,
-            trt,
-            runtime,
-            engine,
-            context,
-            io,
-            profiles,
-            torch.cuda.Stream(self.device),
-            rc,
-            cache,
-            cache_path,
-        )
-        self._loaded[component] = loaded
-        return loaded
+        self._loaded[component] = _Loaded(rec, runtime, engine, context, rc, cache, cache_path)
+        return EngineSession(component, io, profiles, context, self.device,
+                             stream=lambda: torch.cuda.current_stream(self.device).cuda_stream,
+                             label=LABELS[rec["flavour"]], user_memory=user_memory)
+
+    def run(self, component: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = super().run(component, inputs)
+        L = self._loaded[component]
+        if L.runtime_cache is not None and not L.cache_saved:
+            # Kernels are JIT-compiled on the first run; keep them even if the process dies later. This one
+            # synchronisation happens once per component and process, never in the steady state.
+            torch.cuda.current_stream(self.device).synchronize()
+            self._save_cache(L)
+        return out
 
     def _save_cache(self, L: _Loaded) -> None:
         if L.runtime_cache is None or L.cache_path is None:
@@ -200,69 +243,10 @@ class TensorRTBackend:
         except OSError:
             pass  # a cache is an optimisation; a read-only home must not break generation
 
-    def unload(self, component: str) -> None:
+    def on_release(self, component: str) -> None:
         L = self._loaded.pop(component, None)
         if L is None:
             return
         self._save_cache(L)
         del L
-        import torch
-
         torch.cuda.empty_cache()
-
-    def close(self) -> None:
-        for c in list(self._loaded):
-            self.unload(c)
-
-    def __enter__(self) -> TensorRTBackend:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- running
-    def run(self, component: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """Run one component; inputs are torch tensors (any device/dtype; cast to what the engine takes)."""
-        import torch
-
-        L = self.load(component)
-        shapes = {n: tuple(t.shape) for n, t in inputs.items()}
-        validate_inputs(L.io, shapes)
-        idx = select_profile(L.profiles, shapes, component=component)
-        dev = torch.device("cuda", self.device)
-        ctx = L.context
-        with torch.cuda.device(dev):
-            caller = torch.cuda.current_stream(dev)
-            if ctx.active_optimization_profile != idx:
-                ctx.set_optimization_profile_async(idx, L.stream.cuda_stream)
-            feeds = {}
-            for name, spec in L.io["inputs"].items():
-                t = inputs[name].to(device=dev, dtype=getattr(torch, DTYPES[spec["dtype"]][0])).contiguous()
-                if not ctx.set_input_shape(name, tuple(t.shape)):
-                    raise BundleError(
-                        f"The {component} engine refused shape {list(t.shape)} for {name}; "
-                        "choose a size inside the bundle's range."
-                    )
-                feeds[name] = t
-            out_shapes = {n: tuple(ctx.get_tensor_shape(n)) for n in L.io["outputs"]}
-            buffers = plan_buffers(L.io, shapes, out_shapes)
-            outs = {
-                b.name: torch.empty(b.shape, dtype=getattr(torch, b.dtype), device=dev)
-                for b in buffers
-                if b.mode == "output"
-            }
-            for name, t in {**feeds, **outs}.items():
-                ctx.set_tensor_address(name, t.data_ptr())
-            L.stream.wait_stream(caller)  # inputs may still be being written on the caller's stream
-            if not ctx.execute_async_v3(L.stream.cuda_stream):
-                raise EdgegenError(f"{LABELS[L.record['flavour']]} failed to run the {component} engine.")
-            for t in feeds.values():
-                t.record_stream(L.stream)  # keep input memory alive until the engine has read it
-            caller.wait_stream(L.stream)
-        if not L.cache_saved:
-            L.stream.synchronize()
-            self._save_cache(
-                L
-            )  # kernels are JIT-compiled on first run; keep them even if the process dies later
-        return outs
-

@@ -1,7 +1,14 @@
-"""What every family pipeline shares: the request, size checks, scheduler, seeded noise, the step loop."""
+"""What every family pipeline shares: the request, size checks, the schedule, seeded noise, the step loop.
+
+One pipeline for every backend and device. `prepare` does the host-side work (resolve the request, tokenize,
+draw the seeded noise on the CPU exactly as diffusers does, compute the schedule as plain numbers);
+`execute` runs on the backend's device: the noise moves there once, and latents, timesteps, the Euler step,
+CFG and decode stay there. `generate` adds the one host copy, of the final uint8 image.
+"""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -11,7 +18,7 @@ import numpy as np
 import torch
 
 from app.bundle.manifest import Bundle
-from app.errors import GenerationCancelled, UsageError
+from app.errors import BundleError, GenerationCancelled, UsageError
 from app.runtime.backend import Backend
 
 # (step index starting at 1, total steps) -> None; called after every denoising step.
@@ -41,17 +48,36 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
 
 
-class Pipeline:
-    """Subclasses implement encode(), initial_latents(), denoise_step() and decode() for their family."""
+@dataclass
+class Job:
+    """Everything host-side about one image, ready to run on any device."""
 
-    def __init__(self, bundle: Bundle, backend: Backend):
+    req: GenerationRequest
+    tokens: dict  # per text-encoder call, CPU tensors (family-specific keys)
+    noise: torch.Tensor  # CPU, as diffusers draws it (already packed for Klein)
+    timesteps: list[float]  # the model's timestep per step
+    sigmas: list[float]  # len(timesteps) + 1; the Euler step is x += (sigmas[i+1] - sigmas[i]) * v
+    state: dict = field(default_factory=dict)  # family-specific host values (grid size, ids)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Pipeline:
+    """Subclasses implement tokenize, encode, initial_noise, schedule, predict and decode for their family."""
+
+    #: components released before denoising / before decoding when the plan stages memory (low VRAM)
+    text_encoders: tuple[str, ...] = ()
+
+    def __init__(self, bundle: Bundle, backend: Backend, low_vram: bool = False):
         self.bundle, self.backend = bundle, backend
+        self.device: torch.device = getattr(backend, "device", torch.device("cpu"))
+        self.low_vram = low_vram
         self.warnings: list[str] = []
+        self._scheduler = self._make_scheduler()
         # The last prompt's embeddings (and its warnings), reused while prompt, negative prompt and guidance stay
         # the same: --count N and repeated draws in the app encode once. Nothing downstream mutates them.
         self._last_cond: tuple[tuple, object, list[str]] | None = None
 
-    # ----- shared -----------------------------------------------------------------------------------------
+    # ----- host side ---------------------------------------------------------------------------------------
     def resolve(self, req: GenerationRequest) -> GenerationRequest:
         d = self.bundle.defaults
         req = GenerationRequest(
@@ -74,17 +100,28 @@ class Pipeline:
             raise UsageError(f"--seed {req.seed} must be between 0 and 2**63-1")
         return req
 
-    def scheduler(self):
-        import json
-
+    def _make_scheduler(self):
+        """The bundle's scheduler, used on the host for the schedule only; the step itself is ours, on device."""
         import diffusers
 
         config = json.loads(self.bundle.path(self.bundle.manifest["scheduler"]).read_text())
-        return getattr(diffusers, config["_class_name"]).from_config(config)
+        cls = config.get("_class_name")
+        if cls != "FlowMatchEulerDiscreteScheduler" or config.get("stochastic_sampling"):
+            raise BundleError(f"the bundle's scheduler is {cls}"
+                              f"{' with stochastic_sampling' if config.get('stochastic_sampling') else ''}; "
+                              "edgegen runs FlowMatchEulerDiscreteScheduler (deterministic), as FLUX.2 Klein and "
+                              "SD3.5 ship; re-export from a folder with that scheduler")
+        return getattr(diffusers, cls).from_config(config)
+
+    def host_schedule(self, steps: int, **kwargs) -> tuple[list[float], list[float]]:
+        """diffusers' own set_timesteps on the CPU, read back as numbers: the schedule is data, not device work."""
+        s = self._scheduler
+        s.set_timesteps(steps, **kwargs)
+        return [float(t) for t in s.timesteps.tolist()], [float(x) for x in s.sigmas.tolist()]
 
     @staticmethod
     def noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-        """What diffusers' randn_tensor draws from torch.Generator("cpu").manual_seed(seed)."""
+        """What diffusers' randn_tensor draws from torch.Generator("cpu").manual_seed(seed) (on the CPU)."""
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
     def tokenizer(self, name: str):
@@ -103,61 +140,110 @@ class Pipeline:
             if msg not in self.warnings:
                 self.warnings.append(msg)
 
-    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None,
-                 cancel: Cancel | None = None) -> GenerationResult:
+    def prepare(self, req: GenerationRequest) -> Job:
+        """Host-side work for one image: nothing here touches the backend or the device."""
         req = self.resolve(req)
         self.warnings = []
-        timings: dict[str, float] = {}
+        tokens = self.tokenize(req)
+        noise, state = self.initial_noise(req)
+        timesteps, sigmas = self.schedule(req, state)
+        return Job(req, tokens, noise, timesteps, sigmas, state, list(self.warnings))
+
+    # ----- device side -------------------------------------------------------------------------------------
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+    def execute(self, job: Job, on_step: StepCallback | None = None, cancel: Cancel | None = None,
+                timings: dict | None = None) -> torch.Tensor:
+        """The device part: encode, denoise, decode. Returns the decoded image (NCHW, [-1, 1]) on the device."""
+        timings = {} if timings is None else timings
+        req = job.req
         t0 = time.perf_counter()
-        cond = self.encode_cached(req)
+        cond = self.encode_cached(job)
+        if self.low_vram:  # the plan says the components do not fit together: text encoders leave first
+            self.release(self.text_encoders)
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        latents, state = self.initial_latents(req, cond)
-        scheduler = self.scheduler()
-        timesteps = self.set_timesteps(scheduler, req, state)
-        for i, t in enumerate(timesteps):
+        latents = self.to_device(job.noise)
+        state = self.device_state(job)
+        n = len(job.timesteps)
+        for i, t in enumerate(job.timesteps):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("generation cancelled")
             pred = self.predict(latents, t, req, cond, state)
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+            # FlowMatchEulerDiscreteScheduler.step, in float32 as diffusers computes dt.
+            dt = float(np.float32(job.sigmas[i + 1]) - np.float32(job.sigmas[i]))
+            latents = latents + dt * pred
             if on_step is not None:
-                on_step(i + 1, len(timesteps))
+                on_step(i + 1, n)
         timings["denoise"] = time.perf_counter() - t1
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("generation cancelled")
+        if self.low_vram:
+            self.release(("transformer",))
         t2 = time.perf_counter()
         image = self.decode(latents, req, state)
+        if self.low_vram:
+            self.release(("vae_decoder",))
         timings["decode"] = time.perf_counter() - t2
+        return image
+
+    def release(self, components) -> None:
+        release = getattr(self.backend, "release", None)
+        if release is not None:
+            for c in components:
+                if c in self.bundle.components():
+                    release(c)
+
+    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None,
+                 cancel: Cancel | None = None) -> GenerationResult:
+        t0 = time.perf_counter()
+        job = self.prepare(req)
+        timings: dict[str, float] = {}
+        image = to_uint8(self.execute(job, on_step, cancel, timings))  # the one host copy
         timings["total"] = time.perf_counter() - t0
-        return GenerationResult(image=to_uint8(image), request=req, timings=timings, warnings=list(self.warnings))
+        return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings))
 
     def forget_prompt(self) -> None:
         """Drop the reused embeddings (benchmarks that must encode every draw; freeing memory)."""
         self._last_cond = None
 
-    def encode_cached(self, req: GenerationRequest):
-        """encode(req), or the previous result when it was for the same prompt, negative prompt and guidance."""
+    def encode_cached(self, job: Job):
+        """encode(), or the previous result when it was for the same prompt, negative prompt and guidance."""
+        req = job.req
         key = (req.prompt, req.negative_prompt, req.guidance)
         if self._last_cond is not None and self._last_cond[0] == key:
             self.warnings = list(self._last_cond[2])
             return self._last_cond[1]
         self._last_cond = None  # never keep two prompts' embeddings alive at once
-        cond = self.encode(req)
+        self.warnings = list(job.warnings)
+        cond = self.encode_tokens(job.tokens, req)
         self._last_cond = (key, cond, list(self.warnings))
         return cond
 
+    def encode(self, req: GenerationRequest):
+        """Prompt embeddings for a request on the device (calibration and benchmarks call this directly)."""
+        return self.encode_tokens(self.tokenize(req), req)
+
+    def run_encoder(self, component: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+        """One text-encoder output as float32, owned by the caller (backends reuse their output buffers)."""
+        out = self.backend.run(component, {k: self.to_device(v) for k, v in inputs.items()})[output]
+        return out.to(torch.float32, copy=True)
+
     # ----- per family -------------------------------------------------------------------------------------
-    def encode(self, req: GenerationRequest): raise NotImplementedError
-    def initial_latents(self, req: GenerationRequest, cond): raise NotImplementedError
-    def set_timesteps(self, scheduler, req: GenerationRequest, state) -> torch.Tensor: raise NotImplementedError
-    def predict(self, latents, t, req: GenerationRequest, cond, state) -> torch.Tensor: raise NotImplementedError
+    def tokenize(self, req: GenerationRequest) -> dict: raise NotImplementedError
+    def encode_tokens(self, tokens: dict, req: GenerationRequest): raise NotImplementedError
+    def initial_noise(self, req: GenerationRequest) -> tuple[torch.Tensor, dict]: raise NotImplementedError
+    def schedule(self, req: GenerationRequest, state: dict) -> tuple[list[float], list[float]]:
+        raise NotImplementedError
+    def device_state(self, job: Job) -> dict: return dict(job.state)
+    def predict(self, latents, t: float, req: GenerationRequest, cond, state) -> torch.Tensor:
+        raise NotImplementedError
     def decode(self, latents, req: GenerationRequest, state) -> torch.Tensor: raise NotImplementedError
 
 
-def to_float01(image: torch.Tensor) -> np.ndarray:
-    """Decoder output in [-1, 1], NCHW -> HWC float in [0, 1], as diffusers' image processor does."""
-    return (image[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).float().numpy()
-
-
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (to_float01(image) * 255).round().astype(np.uint8)
+    """Decoder output in [-1, 1], NCHW -> HWC uint8, as diffusers' image processor does; computed where the
+    image is and copied to the host once, as uint8."""
+    pixels = (image[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0) * 255
+    return pixels.round().to(torch.uint8).cpu().numpy()

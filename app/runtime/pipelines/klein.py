@@ -1,11 +1,14 @@
-"""FLUX.2 Klein: Qwen3 prompt embeddings, packed 128-channel latents, empirical-mu flow-matching schedule."""
+"""FLUX.2 Klein: Qwen3 prompt embeddings, packed latents, empirical-mu flow-matching schedule.
+
+Channel counts come from the bundle (the transformer's `hidden_states` width), never from constants.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from app.runtime.pipelines.base import GenerationRequest, Pipeline
+from app.runtime.pipelines.base import GenerationRequest, Job, Pipeline
 
 MAX_TOKENS = 512  # Flux2KleinPipeline pads every prompt to this length unless the bundle says otherwise
 
@@ -23,59 +26,77 @@ def latent_ids(batch: int, h: int, w: int) -> torch.Tensor:
 
 
 class KleinPipeline(Pipeline):
+    text_encoders = ("text_encoder",)
+
+    @property
+    def packed_channels(self) -> int:
+        """Latent channels x 2x2 patch, as the transformer's `hidden_states` declares them in the manifest."""
+        spec = next(i for i in self.bundle.components()["transformer"]["inputs"] if i["name"] == "hidden_states")
+        return int(spec["shape"][-1])
+
     def _use_cfg(self, req: GenerationRequest) -> bool:
         return req.guidance > 1.0 and not self.bundle.manifest["pipeline"].get("is_distilled", False)
 
-    def _embed(self, prompt: str) -> torch.Tensor:
+    def _tokens(self, prompt: str) -> dict[str, torch.Tensor]:
         tok = self.tokenizer("tokenizer")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=False)
         length = self.bundle.manifest["pipeline"].get("max_sequence_length", MAX_TOKENS)
         self.warn_truncation(tok, text, length, "the prompt")
         enc = tok(text, return_tensors="pt", padding="max_length", truncation=True, max_length=length)
-        out = self.backend.run("text_encoder", {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-        return out["prompt_embeds"].float()
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def encode(self, req: GenerationRequest):
-        pos = self._embed(req.prompt)
+    def tokenize(self, req: GenerationRequest) -> dict:
         # Klein's base (non-distilled) pipeline uses an empty negative prompt for CFG; no user negative prompt.
-        neg = self._embed("") if self._use_cfg(req) else None
+        return {"pos": self._tokens(req.prompt), "neg": self._tokens("") if self._use_cfg(req) else None}
+
+    def encode_tokens(self, tokens: dict, req: GenerationRequest):
+        pos = self.run_encoder("text_encoder", tokens["pos"], "prompt_embeds")
+        neg = self.run_encoder("text_encoder", tokens["neg"], "prompt_embeds") if tokens["neg"] is not None else None
         return pos, neg
 
-    def initial_latents(self, req: GenerationRequest, cond):
+    def _grid(self, req: GenerationRequest) -> tuple[int, int]:
         cell = self.bundle.manifest["pipeline"]["vae_scale_factor"] * 2  # pixels per packed token
-        h, w = req.height // cell, req.width // cell
-        noise = self.noise((1, 128, h, w), req.seed)
-        packed = noise.reshape(1, 128, h * w).permute(0, 2, 1)
-        return packed, {"h": h, "w": w, "img_ids": latent_ids(1, h, w), "txt_ids": text_ids(1, cond[0].shape[1])}
+        return req.height // cell, req.width // cell
 
-    def set_timesteps(self, scheduler, req, state):
+    def initial_noise(self, req: GenerationRequest):
+        h, w = self._grid(req)
+        c = self.packed_channels
+        noise = self.noise((1, c, h, w), req.seed)
+        packed = noise.reshape(1, c, h * w).permute(0, 2, 1)
+        return packed, {"h": h, "w": w}
+
+    def schedule(self, req, state):
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
         sigmas = np.linspace(1.0, 1 / req.steps, req.steps)
-        if getattr(scheduler.config, "use_flow_sigmas", False):
+        if getattr(self._scheduler.config, "use_flow_sigmas", False):
             sigmas = None
         mu = compute_empirical_mu(image_seq_len=state["h"] * state["w"], num_steps=req.steps)
-        scheduler.set_timesteps(req.steps, sigmas=sigmas, mu=mu)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        return scheduler.timesteps
+        return self.host_schedule(req.steps, sigmas=sigmas, mu=mu)
 
-    def _transformer(self, latents, t, embeds, state):
-        out = self.backend.run("transformer", {
-            "hidden_states": latents, "encoder_hidden_states": embeds,
-            "timestep": (t.expand(latents.shape[0]).to(latents.dtype) / 1000),
-            "img_ids": state["img_ids"], "txt_ids": state["txt_ids"],
-        })
-        return out["noise_pred"].float()
+    def device_state(self, job: Job) -> dict:
+        h, w = job.state["h"], job.state["w"]
+        length = job.tokens["pos"]["input_ids"].shape[1]
+        batch = 2 if job.tokens["neg"] is not None else 1  # CFG: [positive, negative] in one batch
+        return {**job.state, "batch": batch,
+                "img_ids": self.to_device(latent_ids(batch, h, w)),
+                "txt_ids": self.to_device(text_ids(batch, length))}
 
     def predict(self, latents, t, req, cond, state):
         pos, neg = cond
-        pred = self._transformer(latents, t, pos, state)
-        if neg is not None:
-            uncond = self._transformer(latents, t, neg, state)
-            pred = uncond + req.guidance * (pred - uncond)
-        return pred
+        batch = state["batch"]
+        x = latents if batch == 1 else torch.cat([latents, latents])
+        embeds = pos if neg is None else torch.cat([pos, neg])
+        timestep = torch.full((batch,), t, dtype=torch.float32, device=self.device) / 1000
+        out = self.backend.run("transformer", {
+            "hidden_states": x, "encoder_hidden_states": embeds, "timestep": timestep,
+            "img_ids": state["img_ids"], "txt_ids": state["txt_ids"],
+        })["noise_pred"].float()
+        if neg is None:
+            return out
+        cond_pred, uncond = out.chunk(2)
+        return uncond + req.guidance * (cond_pred - uncond)
 
     def decode(self, latents, req, state):
         h, w = state["h"], state["w"]

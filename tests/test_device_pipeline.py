@@ -1,0 +1,138 @@
+"""The GPU path without a GPU: both family pipelines on fake CUDA tensors through the engine backend's code.
+
+torch's FakeTensorMode makes CUDA tensors on this CPU-only build and raises on any mix of devices; the engine
+session refuses inputs on the wrong device. The TensorRT context is a stand-in (tests/_standin_engine.py);
+EngineBackend, EngineSession, the pipelines and the scheduler arithmetic are the production code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from app.bundle.manifest import load_bundle
+from app.runtime.pipelines import GenerationRequest, make_pipeline
+from app.runtime.pipelines.base import Pipeline
+from tests._standin_engine import FAKE_CUDA, StandInEngineBackend
+
+# Fake tensors report address 0; the session passes it to the stand-in context, which never dereferences it.
+pytestmark = pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+
+
+def _bundle(path, distilled: bool | None = None):
+    b = load_bundle(path)
+    if distilled is None:
+        return b
+    m = b.manifest
+    return replace(b, manifest={**m, "pipeline": {**m["pipeline"], "is_distilled": distilled}})
+
+
+CASES = [  # family, CFG on?, width, height (odd token grids: 3x5 and 5x3 packed cells)
+    ("klein", False, 48, 80),
+    ("klein", True, 80, 48),
+    ("sd3", True, 40, 72),
+    ("sd3", False, 72, 40),
+]
+
+
+@pytest.fixture
+def bundles(klein_bundle, sd3_bundle):
+    return {"klein": klein_bundle, "sd3": sd3_bundle}
+
+
+def _request(family: str, cfg: bool, w: int, h: int) -> GenerationRequest:
+    return GenerationRequest(prompt="a red circle on a blue background", seed=5, steps=3, width=w, height=h,
+                             guidance=(4.0 if cfg else 1.0))
+
+
+def _run_fake(pipe: Pipeline, req: GenerationRequest):
+    job = pipe.prepare(req)  # host side: tokens, seeded noise, schedule (real CPU tensors)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return pipe.execute(job), job
+
+
+@pytest.mark.parametrize("family,cfg,w,h", CASES)
+def test_pipeline_stays_on_the_device_end_to_end(bundles, family, cfg, w, h):
+    bundle = _bundle(bundles[family], distilled=(not cfg) if family == "klein" else None)
+    backend = StandInEngineBackend(bundle)
+    pipe = make_pipeline(bundle, backend)
+    image, job = _run_fake(pipe, _request(family, cfg, w, h))
+    assert isinstance(image, FakeTensor) and image.device == FAKE_CUDA
+    assert tuple(image.shape) == (1, 3, h, w)
+    ctx = backend.contexts
+    assert ctx["transformer"].executions == len(job.timesteps)  # CFG is batched: one engine run per step
+    batch = ctx["transformer"].shapes["hidden_states"][0]
+    assert batch == (2 if cfg else 1)
+    assert ctx["vae_decoder"].executions == 1
+    # activation memory was sized for these shapes, not a profile maximum
+    assert ctx["transformer"].memory_sizes and max(ctx["transformer"].memory_sizes) < 1024 * 10**7
+
+
+def test_output_buffers_are_reused_across_steps(bundles):
+    bundle = _bundle(bundles["sd3"])
+    backend = StandInEngineBackend(bundle)
+    pipe = make_pipeline(bundle, backend)
+    _run_fake(pipe, _request("sd3", True, 40, 40))
+    session = backend.session("transformer")
+    assert session.runs == 3 and len(session._outputs) == 1  # one set of buffers for three steps
+
+
+@pytest.mark.parametrize("family,cfg,w,h", CASES[:3])
+def test_removing_any_host_to_device_move_fails(bundles, family, cfg, w, h, monkeypatch):
+    """Mutation check: skip each `.to(device)` of the pipeline in turn; every one of them must be needed."""
+    bundle = _bundle(bundles[family], distilled=(not cfg) if family == "klein" else None)
+    req = _request(family, cfg, w, h)
+    calls = []
+    original = Pipeline.to_device
+
+    def counting(self, t):
+        calls.append(tuple(t.shape))
+        return original(self, t)
+
+    monkeypatch.setattr(Pipeline, "to_device", counting)
+    _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
+    moves = len(calls)
+    assert moves >= 4  # tokens, noise, position ids at least
+    for skip in range(moves):
+        seen = []
+
+        def skipping(self, t, skip=skip):
+            seen.append(t)
+            return t if len(seen) - 1 == skip else original(self, t)
+
+        monkeypatch.setattr(Pipeline, "to_device", skipping)
+        with pytest.raises(Exception) as err:
+            _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
+        assert "cuda" in str(err.value).lower() or "device" in str(err.value).lower(), (skip, err.value)
+
+
+def test_low_vram_staging_releases_text_encoders_before_denoise(bundles):
+    bundle = _bundle(bundles["sd3"])
+    backend = StandInEngineBackend(bundle)
+    pipe = make_pipeline(bundle, backend, low_vram=True)
+    order = []
+    run = backend.run
+    backend.run = lambda c, i: (order.append(("run", c)), run(c, i))[1]
+    release = backend.release
+    backend.release = lambda c: (order.append(("release", c)), release(c))[1]
+    _run_fake(pipe, _request("sd3", True, 40, 40))
+    first_transformer = order.index(("run", "transformer"))
+    for enc in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if enc in bundle.components():
+            assert order.index(("release", enc)) < first_transformer
+    assert order.index(("release", "transformer")) < order.index(("run", "vae_decoder"))
+    assert not backend._sessions.get("text_encoder")
+
+
+def test_engine_session_refuses_an_input_on_another_device(bundles):
+    from app.runtime.engine.session import DeviceMismatch
+
+    bundle = _bundle(bundles["sd3"])
+    backend = StandInEngineBackend(bundle)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ids = torch.zeros(1, 77, dtype=torch.int64)  # on the CPU
+        with pytest.raises(DeviceMismatch, match="input_ids is on cpu"):
+            backend.run("text_encoder", {"input_ids": ids})
