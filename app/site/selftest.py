@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from app.errors import BundleError, EdgegenError, UsageError
 from app.progress import say
-from app.runtime.images import psnr
 
 if TYPE_CHECKING:  # imported lazily: a broken install gets a sentence, not an ImportError traceback
 
@@ -73,6 +72,7 @@ def run_candidate(bundle: Bundle, cand: Candidate, refs: list[dict], ref_dir: Pa
     import numpy as np
     from PIL import Image
 
+    from app.runtime.images import psnr  # numpy: imported after the dependency check, not at module load
     from app.runtime.pipelines import GenerationRequest, make_pipeline
 
     t0 = time.monotonic()
