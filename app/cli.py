@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("key_id")
     tp = tsub.add_parser("policy", help="show or set whether bundles must be signed by a trusted key")
     tp.add_argument("--require-signed", choices=["on", "off"])
+    from app.server.commands import add_parsers as add_server_parsers  # serve, batch (issue 19)
+
+    add_server_parsers(sub)
     return p
 
 
@@ -363,6 +366,22 @@ def cmd_trust(args) -> int:
 
 COMMANDS = {"keys": cmd_keys, "sign": cmd_sign, "trust": cmd_trust, "export": cmd_export, "generate": cmd_generate, "plan": cmd_plan, "doctor": cmd_doctor,
             "selftest": cmd_selftest, "app": cmd_app}
+
+
+
+def cmd_serve(args) -> int:
+    from app.server.commands import cmd_serve as serve
+
+    return serve(args)
+
+
+def cmd_batch(args) -> int:
+    from app.server.commands import cmd_batch as batch
+
+    return batch(args)
+
+
+COMMANDS.update(serve=cmd_serve, batch=cmd_batch)
 
 if __name__ == "__main__":
     entrypoint()
