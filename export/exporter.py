@@ -172,9 +172,9 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     preflight.check_calibration_size(opts.calibration_size, size_range, dims)
     if opts.loras:
         check_loras(folder.path / fam.component("transformer").source, folder.index["_class_name"], opts.loras)
-    preflight.check_tools(opts.precision, opts.text_encoder_precision, opts.target, progress)
     graph_precision = "fp8" if opts.precision == "fp8" or fp8_encoders else "fp32"
     sms = preflight.check_targets(opts.target, opts.sms, graph_precision, progress)
+    preflight.check_tools(opts.precision, opts.text_encoder_precision, opts.target, progress)
     out = Path(opts.out).absolute()
     preflight.clean_stale_partials(out.parent, progress)
     n_engines = len(sms) if opts.target != "onnx" else 0

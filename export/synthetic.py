@@ -95,8 +95,10 @@ class KleinSize:
     text_hidden: int = 32
     text_layers: int = 28  # >= 28 so the pipeline's default layers (9, 18, 27) exist
     text_heads: int = 2
+    text_kv_heads: int | None = None  # fewer than text_heads: grouped-query attention, as Qwen3-4B/8B have
     vae_channels: tuple[int, ...] = (32, 32)
     vae_layers_per_block: int = 1
+    latent_channels: int = 32  # the real Klein VAEs: 32; the transformer sees 4x (2x2 patchify)
     is_distilled: bool = True
     vae_mid_attention: bool = True  # the demo model turns it off so the VAE can train on crops
     vae_norm_groups: int | None = None  # None: min(32, first VAE width)
@@ -121,7 +123,7 @@ def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPU
             intermediate_size=size.text_hidden * 2,
             num_hidden_layers=size.text_layers,
             num_attention_heads=size.text_heads,
-            num_key_value_heads=size.text_heads,
+            num_key_value_heads=size.text_kv_heads or size.text_heads,
             head_dim=size.text_hidden // size.text_heads,
             max_position_embeddings=1024,
             tie_word_embeddings=True,
@@ -130,7 +132,7 @@ def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPU
     axis = size.head_dim // 4
     transformer = Flux2Transformer2DModel(
         patch_size=1,
-        in_channels=128,
+        in_channels=4 * size.latent_channels,
         num_layers=size.double_layers,
         num_single_layers=size.single_layers,
         attention_head_dim=size.head_dim,
@@ -145,7 +147,7 @@ def build_klein(size: KleinSize = KleinSize(), corpus: list[str] = DEFAULT_CORPU
         down_block_types=("DownEncoderBlock2D",) * len(size.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(size.vae_channels),
         layers_per_block=size.vae_layers_per_block,
-        latent_channels=32,
+        latent_channels=size.latent_channels,
         norm_num_groups=size.vae_norm_groups or min(32, size.vae_channels[0]),
         mid_block_add_attention=size.vae_mid_attention,
     ).eval()
@@ -178,6 +180,7 @@ class SD3Size:
     vae_channels: tuple[int, ...] = (32, 32)
     vae_layers_per_block: int = 1
     pos_embed_max_size: int = 64
+    latent_channels: int = 16
 
 
 def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True, size: SD3Size = SD3Size()):
@@ -217,16 +220,17 @@ def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True
     )
     inner = size.heads * size.head_dim
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, num_layers=size.layers, attention_head_dim=size.head_dim,
+        sample_size=32, patch_size=2, in_channels=size.latent_channels, num_layers=size.layers, attention_head_dim=size.head_dim,
         num_attention_heads=size.heads, joint_attention_dim=size.t5_width, caption_projection_dim=inner,
-        pooled_projection_dim=2 * c, out_channels=16, pos_embed_max_size=size.pos_embed_max_size,
+        pooled_projection_dim=2 * c, out_channels=size.latent_channels, pos_embed_max_size=size.pos_embed_max_size,
         dual_attention_layers=size.dual_attention_layers, qk_norm="rms_norm",
     ).eval()
     n = len(size.vae_channels)
     vae = AutoencoderKL(
         block_out_channels=size.vae_channels, in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        latent_channels=16, layers_per_block=size.vae_layers_per_block, norm_num_groups=32, sample_size=32,
+        latent_channels=size.latent_channels, layers_per_block=size.vae_layers_per_block, norm_num_groups=32,
+        sample_size=32,
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -284,11 +284,9 @@ def model_dims(folder: Path, family: FamilySpec, index: dict, max_sequence_lengt
     if table is not None and (not isinstance(table, int) or table <= 0):
         raise _unsupported("transformer", "pos_embed_max_size", table, "it must be a positive integer")
     joint = _int(tr, "joint_attention_dim", "transformer", 4096)
-    clip_hidden, pooled = 0, 0
+    pooled = 0  # (the CLIP hidden states are padded, or cut, to joint_attention_dim, as diffusers does)
     for name in ("text_encoder", "text_encoder_2"):
-        c = _config(folder, name)
-        clip_hidden += _int(c, "hidden_size", name)
-        pooled += _int(c, "projection_dim", name, 512)
+        pooled += _int(_config(folder, name), "projection_dim", name, 512)
     if _int(tr, "pooled_projection_dim", "transformer", 2048) != pooled:
         raise _unsupported("transformer", "pooled_projection_dim", tr.get("pooled_projection_dim"),
                            f"it must be the two CLIP encoders' projection_dim together ({pooled})")
@@ -296,10 +294,6 @@ def model_dims(folder: Path, family: FamilySpec, index: dict, max_sequence_lengt
         t5 = _int(_config(folder, "text_encoder_3"), "d_model", "text_encoder_3")
         if t5 != joint:
             raise _unsupported("transformer", "joint_attention_dim", joint, f"it must equal T5's d_model ({t5})")
-    if joint < clip_hidden:
-        raise _unsupported("transformer", "joint_attention_dim", joint,
-                           f"the two CLIP hidden states ({clip_hidden} wide together) are padded to it, so it "
-                           f"must be at least {clip_hidden}")
     return {"vae_scale_factor": scale, "patch": patch, "latent_channels": latent, "transformer_in_channels": latent,
             "text_dim": joint, "pooled_dim": pooled, "pos_embed_max_size": table,
             "text_lengths": dict(family.text_lengths),
