@@ -212,16 +212,29 @@ def _check_tree(bundle: Bundle, listed: dict[str, str]) -> None:
                                   "re-export the bundle")
 
 
-def verify_files(bundle: Bundle) -> None:
+def verify_files(bundle: Bundle, use_cache: bool = True) -> None:
     """Paths and tree first (cheap, read nothing), then each file's sha256 in one streaming read, then the
-    ONNX protobufs, parsed from the very bytes that were hashed."""
+    ONNX protobufs, parsed from the very bytes that were hashed.
+
+    A file whose identity (device, inode, size, mtime_ns, ctime_ns) and sha256 match what this user's cache
+    recorded after its last full check under this same manifest is not re-read (app.bundle.verified); any
+    change re-hashes it. The signature and policy were already checked over the manifest bytes by the caller."""
+    from app.bundle import verified
+
     listed = _listed_files(bundle)
     onnx = _check_references(bundle, listed)
     _check_tree(bundle, listed)
+    cache = use_cache and verified.enabled()
+    seen = verified.known(bundle.root, bundle.manifest_sha256) if cache else {}
+    checked: dict[str, tuple] = {}
     for rel, want in listed.items():
         path = bundle.path(rel)
         if not path.is_file():
             raise BundleError(f"bundle file {rel} is missing; re-export with: {bundle.rebuild_hint()}")
+        before = verified.identity(path)
+        if seen.get(rel) == (before, want):
+            checked[rel] = (before, want)
+            continue
         if rel in onnx:
             # ONNX protobufs are capped at 2 GiB (large weights live in external data files), and parsing needs
             # the whole file anyway: read it once and hash and parse the same bytes, so nothing can swap it
@@ -231,10 +244,16 @@ def verify_files(bundle: Bundle) -> None:
         else:
             data, digest = None, sha256_file(path)
         if digest != want:
+            if cache:
+                verified.forget(bundle.root)
             raise BundleError(f"bundle file {rel} does not match its sha256 in the manifest (changed or "
                               f"corrupted); re-export with: {bundle.rebuild_hint()}")
         if data is not None:
             check_onnx_external_data(bundle, rel, data, listed)
+        if verified.identity(path) == before:  # not written to while it was read
+            checked[rel] = (before, want)
+    if cache and len(checked) == len(listed) and any(seen.get(r) != c for r, c in checked.items()):
+        verified.record(bundle.root, bundle.manifest_sha256, checked)
 
 
 def _onnx_tensors(model):
