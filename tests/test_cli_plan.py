@@ -26,7 +26,13 @@ def test_plan_from_bundle_for_h100_and_ampere(capsys, klein_bundle):
     assert {c["engine"] for c in h100["components"]} == {"tensorrt"}  # TensorRT-RTX has no SM90 target
     ampere = plan_json(capsys, "--bundle", str(klein_bundle), "--gpu", "sm86:24")
     tr = next(c for c in ampere["components"] if c["name"] == "transformer")
-    assert tr["precision"] in ("bf16", "fp16")  # no FP8 before SM 8.9
+    # A bundle is planned as exported (its real bytes and precision), with what the GPU would prefer noted.
+    assert tr["precision"] == "fp32" and tr["weights_bytes"] == plan_bytes(klein_bundle, "transformer")
+    assert any("would export bf16" in n for n in tr["notes"])  # no FP8 before SM 8.9
+
+
+def plan_bytes(bundle, name):
+    return sum(f.stat().st_size for f in (bundle / name).iterdir())
 
 
 def test_plan_table_and_bad_gpu(capsys, klein_bundle):

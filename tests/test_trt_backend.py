@@ -315,7 +315,7 @@ def test_backend_describe_and_tamper_check(tmp_path):
     )
     assert be.describe() == "TensorRT-RTX 1.7.1 on NVIDIA GeForce RTX 4090 (sm89): transformer fp8"
     with pytest.raises(BundleError, match="does not match its checksum"):
-        be.load("transformer")  # refused before TensorRT ever sees the bytes
+        be.session("transformer")  # refused before TensorRT ever sees the bytes
 
 
 def _cuda_gpu():
@@ -391,8 +391,8 @@ def test_gpu_build_run_and_runtime_cache(tmp_path, fp8):
     x = torch.randn(3, 16, 32)
     with TensorRTBackend(tmp_path, {"mm": [r]}, source_model="m", runtime_cache_dir=cache) as be:
         assert "TensorRT-RTX" in be.describe()
-        y = be.run("mm", {"x": x})["y"].float().cpu()
-        y2 = be.run("mm", {"x": x[:1]})["y"].float().cpu()  # shape change within the profile
+        y = be.run("mm", {"x": x.to(be.device)})["y"].float().cpu()  # inputs live on the engine's device
+        y2 = be.run("mm", {"x": x[:1].to(be.device)})["y"].float().cpu()  # shape change within the profile
     w = torch.from_numpy(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
     ref = x @ w
     cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)

@@ -43,8 +43,7 @@ def components_for(model: Path | None = None, bundle: Path | None = None):
         from app.bundle.manifest import load_bundle
 
         b = load_bundle(bundle, verify=False)
-        comps = [ComponentInfo(name=n, kind=c["role"], param_count=c["parameters"]) for n, c in b.components().items()]
-        return comps, b.family, b.defaults
+        return bundle_components(b), b.family, b.defaults
     from app.bundle.modelfolder import inspect_folder
 
     folder = inspect_folder(model)
@@ -52,3 +51,32 @@ def components_for(model: Path | None = None, bundle: Path | None = None):
              for s in folder.family.components if folder.present(s.source)]
     d = folder.family.defaults(folder.index, folder.path)
     return comps, folder.family, {"width": d.width, "height": d.height}
+
+
+def component_bytes(bundle, name: str, sm: str | None = None) -> int:
+    """What a component holds in memory as exported: its engine for `sm` if the bundle has one, else its ONNX
+    graph with external data (file sizes; no bytes are read)."""
+    for rec in bundle.manifest.get("engines", []):
+        if rec.get("component") == name and sm is not None and str(rec.get("sm")) == str(sm) and rec.get("bytes"):
+            return int(rec["bytes"])
+    folder = bundle.components()[name]["onnx"].rsplit("/", 1)[0] + "/"
+    return sum(bundle.path(rel).stat().st_size for rel in bundle.manifest.get("files", {}) if rel.startswith(folder))
+
+
+def bundle_components(bundle, sm: str | None = None) -> list[ComponentInfo]:
+    """A bundle's components with their real bytes and exported precision, for plans of that bundle."""
+    return [ComponentInfo(name=n, kind=c["role"], param_count=c["parameters"], precision=c.get("precision"),
+                          weights_bytes=component_bytes(bundle, n, sm))
+            for n, c in bundle.components().items()]
+
+
+def bundle_plan(bundle, gpu, width: int, height: int, batch: int = 1):
+    """The plan for running `bundle` on `gpu` (a GpuSpec, or None for the CPU) at one size."""
+    from app.planning.plan import make_plan
+
+    def up16(v: int) -> int:  # tiny test bundles allow sizes the plan's 16-px grid does not; estimate above them
+        return max(16, -(-int(v) // 16) * 16)
+
+    cfg = bundle.family.uses_negative_prompt or not bundle.manifest["pipeline"].get("is_distilled", True)
+    return make_plan(gpu, bundle_components(bundle, gpu.sm if gpu else None), up16(width), up16(height),
+                     batch=batch, cfg=cfg)

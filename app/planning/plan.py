@@ -29,6 +29,10 @@ class ComponentInfo:
     fp32_bytes: int | None = None
     hidden_size: int | None = None  # sharpens the activation estimate when known
     text_tokens: int = 512  # Klein pads prompts to 512; SD3.5 uses 77 + 256
+    # An exported bundle knows better than the arithmetic: the bytes its engine (or ONNX) file holds, and the
+    # precision it was exported in. Either overrides the per-GPU choice.
+    weights_bytes: int | None = None
+    precision: str | None = None
 
     @property
     def params(self) -> int:
@@ -69,6 +73,21 @@ class Plan:
     usable_bytes: int | None
     peak_bytes: int
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def low_vram(self) -> bool:
+        """The runtime releases each stage's components after use (text encoders before denoising)."""
+        return self.strategy in ("staged", "staged+streaming")
+
+    def staging_text(self) -> str:
+        """What the runtime will do with memory, in the app's and doctor's words."""
+        if self.gpu is None:
+            return "CPU: every component in system memory"
+        if not self.low_vram:
+            return "all components stay loaded" if self.strategy == "all-resident" else "does not fit"
+        text = [c.name for c in self.components if c.kind == "text_encoder"]
+        return (f"low-VRAM: {', '.join(text) or 'text encoders'} unloaded before denoise, transformer unloaded "
+                "before decode" + (", weights streamed" if self.strategy == "staged+streaming" else ""))
 
     @property
     def stages(self) -> list[list[str]]:
@@ -151,7 +170,8 @@ def make_plan(
     sm = gpu.sm if gpu else None
     plans: list[ComponentPlan] = []
     for c in comps:
-        prec = choose_precision(c.kind, sm)
+        best = choose_precision(c.kind, sm)
+        prec = c.precision or best
         eff_batch = _profile(c.kind, width, height, batch, cfg)["batch"][0]
         plans.append(
             ComponentPlan(
@@ -160,8 +180,10 @@ def make_plan(
                 precision=prec,
                 engine=engine_flavour_for_sm(sm) if sm else "onnxruntime-cpu",
                 profile=_profile(c.kind, width, height, batch, cfg),
-                weights_bytes=int(c.params * PRECISION_BYTES[prec]),
+                weights_bytes=int(c.weights_bytes if c.weights_bytes is not None
+                                  else c.params * PRECISION_BYTES[prec]),
                 activation_bytes=estimate_activation_bytes(c, prec, width, height, eff_batch),
+                notes=[f"exported as {prec}; for this GPU the plan would export {best}"] if prec != best else [],
             )
         )
     if gpu is None:

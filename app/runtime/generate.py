@@ -30,18 +30,24 @@ def image_metadata(bundle, backend, result) -> dict:
 
 def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt: str = "", seed: int = 0,
                    steps=None, guidance=None, width=None, height=None, backend: str = "auto", model=None,
-                   count: int = 1, say: Callable[[str], None] = print, step_bar=None) -> list[Path]:
+                   count: int = 1, say: Callable[[str], None] = print, step_bar=None, device: str = "auto",
+                   low_vram: bool | None = None) -> list[Path]:
     from app.errors import UsageError
 
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must end in .png")
     if not out.parent.exists():
         raise UsageError(f"the folder {out.parent} for --out does not exist; create it first")
+    from app.runtime.device import parse_device
+
+    where = parse_device(device)  # a bad --device is refused before the bundle is hashed
     bundle = load_bundle(bundle_dir)
     say(f"signature: {bundle.signature.describe()}")
-    be, reason = make_backend(bundle, backend, model)
+    be, reason = make_backend(bundle, backend, model, device=where)
     say(f"backend: {be.describe()} ({reason})")
-    pipe = make_pipeline(bundle, be)
+    pipe = make_pipeline(bundle, be, low_vram=low_vram)
+    if pipe.device.type == "cuda":
+        say(f"memory: {'low-VRAM staging' if pipe.low_vram else 'all components stay loaded'}")
     written = []
     for path, s in zip(output_paths(out, seed, count), range(seed, seed + count)):
         req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps,

@@ -9,7 +9,8 @@ from app.bundle.manifest import MANIFEST_NAME, Bundle, load_bundle
 from app.errors import EdgegenError
 from app.planning.devices import GpuReader, read_gpus
 from app.planning.gpus import GpuSpec, gpu_spec_from_info
-from app.planning.plan import Plan, make_plan
+from app.planning.components import bundle_plan
+from app.planning.plan import Plan
 from app.planning.policy import GIB
 
 
@@ -57,20 +58,16 @@ def this_gpu(reader: GpuReader | None = None) -> GpuSpec | None:
 
 
 def plan_for(bundle: Bundle, gpu: GpuSpec | None, width: int, height: int, batch: int = 1) -> Plan:
-    from app.planning.plan import ComponentInfo
-
-    comps = [ComponentInfo(name=n, kind=c["role"], param_count=c["parameters"]) for n, c in bundle.components().items()]
-    return make_plan(gpu, comps, width, height, batch=batch, cfg=bundle.family.uses_negative_prompt)
+    """The runtime's own plan: the bundle's real bytes per component, the same staging it will do."""
+    return bundle_plan(bundle, gpu, width, height, batch)
 
 
 def fit_text(plan: Plan) -> str:
     if plan.gpu is None:
         return "CPU only (no NVIDIA GPU)"
-    return {
-        "all-resident": f"fits {plan.gpu.name}",
-        "staged": f"fits {plan.gpu.name} in stages",
-        "staged+streaming": f"fits {plan.gpu.name} with weight streaming",
-    }.get(plan.strategy, f"won't fit {plan.gpu.name}")
+    if plan.strategy == "does-not-fit":
+        return f"won't fit {plan.gpu.name}"
+    return f"fits {plan.gpu.name} ({plan.staging_text()}, peak {plan.peak_bytes / GIB:.1f} GiB)"
 
 
 def fit_warning(plan: Plan) -> str:

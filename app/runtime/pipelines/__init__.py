@@ -7,10 +7,32 @@ from app.runtime.backend import Backend
 from app.runtime.pipelines.base import Cancel, GenerationRequest, Pipeline, StepCallback  # noqa: F401
 
 
-def make_pipeline(bundle: Bundle, backend: Backend, low_vram: bool = False) -> Pipeline:
-    """The family's pipeline on the backend's device; `low_vram` releases each stage's components after use."""
+def make_pipeline(bundle: Bundle, backend: Backend, low_vram: bool | None = None) -> Pipeline:
+    """The family's pipeline on the backend's device.
+
+    `low_vram` releases each stage's components after use (text encoders before denoising, the transformer
+    before decoding). None: on a GPU, the plan decides from the bundle's real bytes and the free VRAM at the
+    bundle's default size; on the CPU, never."""
     from app.runtime.pipelines.klein import KleinPipeline
     from app.runtime.pipelines.sd3 import SD3Pipeline
 
+    if low_vram is None:
+        low_vram = staging_plan(bundle, backend).low_vram if _on_cuda(backend) else False
     by_family = {"flux2-klein": KleinPipeline, "sd3.5": SD3Pipeline}
     return by_family[bundle.manifest["family"]](bundle, backend, low_vram=low_vram)
+
+
+def _on_cuda(backend: Backend) -> bool:
+    device = getattr(backend, "device", None)
+    return device is not None and device.type == "cuda"
+
+
+def staging_plan(bundle: Bundle, backend: Backend, width: int | None = None, height: int | None = None):
+    """The plan for this bundle on the backend's GPU (None GPU on the CPU): what fits, what is staged."""
+    from app.planning.components import bundle_plan
+    from app.planning.devices import current_cuda_gpu
+    from app.planning.gpus import gpu_spec_from_info
+
+    gpu = current_cuda_gpu(backend.device.index or 0) if _on_cuda(backend) else None
+    d = bundle.defaults
+    return bundle_plan(bundle, gpu_spec_from_info(gpu) if gpu else None, width or d["width"], height or d["height"])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from app.bundle.manifest import Bundle
-from app.errors import BundleError, GenerationCancelled, UsageError
+from app.errors import BundleError, EdgegenError, GenerationCancelled, UsageError
 from app.runtime.backend import Backend
 
 # (step index starting at 1, total steps) -> None; called after every denoising step.
@@ -200,9 +200,36 @@ class Pipeline:
         t0 = time.perf_counter()
         job = self.prepare(req)
         timings: dict[str, float] = {}
-        image = to_uint8(self.execute(job, on_step, cancel, timings))  # the one host copy
+        try:
+            image = to_uint8(self.execute(job, on_step, cancel, timings))  # the one host copy
+        except (GenerationCancelled, EdgegenError):
+            raise
+        except (RuntimeError, MemoryError, OSError) as e:  # torch/ORT/TensorRT failures on the device
+            if self.device.type != "cuda":
+                raise
+            raise self._gpu_failure(e, job.req, timings) from None
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings))
+
+    def _gpu_failure(self, exc: BaseException, req: GenerationRequest, timings: dict):
+        """A GPU failure as one sentence with the numbers: the plan's peak for this size and NVML's free bytes."""
+        from app.planning.components import bundle_plan
+        from app.planning.devices import current_cuda_gpu
+        from app.planning.gpus import gpu_spec_from_info
+        from app.runtime.gpu_errors import translate
+
+        stage = next((s for s in ("decode", "denoise", "encode") if s in timings), None)
+        stage = {"encode": "denoising", "denoise": "decoding", None: "encoding the prompt"}.get(stage, "decoding")
+        gpu = current_cuda_gpu(self.device.index or 0)
+        need = None
+        try:
+            if gpu is not None:
+                need = bundle_plan(self.bundle, gpu_spec_from_info(gpu), req.width, req.height).peak_bytes
+        except Exception:  # the estimate is a courtesy; the sentence must come out regardless
+            need = None
+        return translate(exc, stage=stage, device=self.device, need_bytes=need,
+                         free_bytes=gpu.free_bytes if gpu else None, width=req.width, height=req.height,
+                         low_vram=self.low_vram, precision=self.bundle.precision)
 
     def forget_prompt(self) -> None:
         """Drop the reused embeddings (benchmarks that must encode every draw; freeing memory)."""
