@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
     g.add_argument("--model", type=Path, help="source model folder for --backend torch (default: as recorded)")
     g.add_argument("--count", type=int, default=1)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (CUDA numbering)")
+    g.add_argument("--low-vram", action="store_true", default=None,
+                   help="unload text encoders before denoising and the transformer before decoding "
+                        "(default: when the plan says the components do not fit together)")
 
     pl = sub.add_parser("plan", help="what to build for a GPU")
     src = pl.add_mutually_exclusive_group(required=True)
@@ -255,7 +259,8 @@ def cmd_generate(args) -> int:
     paths = generate_files(
         bundle_dir=args.bundle, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, backend=args.backend,
-        model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar,
+        model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar, device=args.device,
+        low_vram=args.low_vram,
     )
     for p in paths:
         print(p)
