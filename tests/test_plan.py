@@ -273,3 +273,22 @@ def test_nvml_reader_parses_devices(monkeypatch):
 
 def test_current_cuda_gpu_is_none_without_cuda():
     assert gpu_mod.current_cuda_gpu() is None or gpu_mod.current_cuda_gpu().sm
+
+
+def test_bundle_sized_components_stage_and_say_so():
+    """A Klein-4B-sized FP8 bundle on a 16 GB card: the text encoder leaves before denoising, and the plan says it."""
+    from app.planning.plan import ComponentInfo, make_plan
+
+    gib = 1024**3
+    comps = [ComponentInfo(name="text_encoder", kind="text_encoder", param_count=4_000_000_000, precision="bf16",
+                           weights_bytes=8 * gib),
+             ComponentInfo(name="transformer", kind="transformer", param_count=3_900_000_000, precision="fp8",
+                           weights_bytes=int(4.3 * gib)),
+             ComponentInfo(name="vae_decoder", kind="vae_decoder", param_count=50_000_000, precision="fp32",
+                           weights_bytes=int(0.2 * gib))]
+    small = make_plan(parse_gpu_option("sm89:16"), comps, 1024, 1024)
+    assert small.low_vram and small.stages[0] == ["text_encoder"]
+    assert small.staging_text().startswith("low-VRAM: text_encoder unloaded before denoise")
+    big = make_plan(parse_gpu_option("sm89:32"), comps, 1024, 1024)
+    assert not big.low_vram and big.staging_text() == "all components stay loaded"
+    assert big.components[1].weights_bytes == int(4.3 * gib)  # the bundle's bytes, not parameters x precision

@@ -211,21 +211,13 @@ def _stage(plan: Plan) -> Plan:
     if total <= usable:
         plan.peak_bytes = total
         return plan
+    # The runtime's low-VRAM mode (Pipeline.execute) has exactly these stages: text encoders, released before
+    # denoising; the transformer, released before decoding; the VAE decoder. The plan models what it does.
     groups: list[list[ComponentPlan]] = []
-    for c in comps:
-        g = groups[-1] if groups else None
-        if (
-            g
-            and (
-                sum(x.weights_bytes for x in g)
-                + c.weights_bytes
-                + max(c.activation_bytes, *(x.activation_bytes for x in g))
-            )
-            <= usable
-        ):
-            g.append(c)
-        else:
-            groups.append([c])
+    for kind in KINDS:
+        g = [c for c in comps if c.kind == kind]
+        if g:
+            groups.append(g)
     for i, g in enumerate(groups, 1):
         for c in g:
             c.stage = i

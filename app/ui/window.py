@@ -24,7 +24,6 @@ from PySide6.QtWidgets import (
 from app.errors import EdgegenError
 from app.planning.devices import GpuReader
 from app.planning.gpus import gpu_spec_from_info
-from app.planning.policy import GIB
 from app.runtime.pipelines import GenerationRequest
 from app.ui.catalog import find_bundles, fit_text, fit_warning, plan_for, this_gpu
 from app.ui.form import GenerationForm
@@ -247,9 +246,8 @@ class MainWindow(QMainWindow):
             self.fit_label.setText(warning)
         else:
             self.fit_label.setStyleSheet("")
-            peak = f" (peak about {plan.peak_bytes / GIB:.1f} GiB)" if plan.gpu else ""
-            text = fit_text(plan)
-            self.fit_label.setText(f"{text[:1].upper()}{text[1:]}{peak}.")
+            text = fit_text(plan)  # says the peak and what the runtime does with memory
+            self.fit_label.setText(f"{text[:1].upper()}{text[1:]}.")
 
     # ----- generation -----------------------------------------------------------------------------
     @Slot()

@@ -79,4 +79,4 @@ def test_window_says_it_fits_a_big_gpu(qtbot, tmp_path, ui_bundle):
     w = MainWindow(paths=make_paths(tmp_path), bundle=ui_bundle, reader=big, monitor_interval_ms=50, preload=False)
     qtbot.addWidget(w)
     assert "fits NVIDIA GeForce RTX 4090" in w.picker.info.text()
-    assert w.fit_label.text().startswith("Fits NVIDIA GeForce RTX 4090 (peak about")
+    assert w.fit_label.text().startswith("Fits NVIDIA GeForce RTX 4090 (all components stay loaded, peak ")
