@@ -37,6 +37,7 @@ class Outcome:
     threshold_db: float
     seconds: float
     detail: str = ""
+    cost: object = None  # app.site.measure.Cost: ms per step, peak VRAM (torch and NVML)
 
 
 def load_references(folder: Path) -> list[dict]:
@@ -75,16 +76,19 @@ def run_candidate(bundle: Bundle, cand: Candidate, refs: list[dict], ref_dir: Pa
     from app.runtime.images import psnr  # numpy: imported after the dependency check, not at module load
     from app.runtime.pipelines import GenerationRequest, make_pipeline
 
+    from app.site.measure import DeviceMeter, StepClock
+
     t0 = time.monotonic()
-    worst, backend = None, None
+    worst, backend, meter, clock = None, None, None, None
     try:
         backend = cand.make()
         pipe = make_pipeline(bundle, backend)
+        meter, clock = DeviceMeter(pipe.device).__enter__(), StepClock(pipe.device)
         for i, r in enumerate(refs, 1):
             say(f"[{cand.label}] {i}/{len(refs)}: {r['prompt']} (seed {r['seed']})")
             req = GenerationRequest(prompt=r["prompt"], seed=int(r["seed"]), steps=int(r["steps"]),
                                     guidance=float(r["guidance"]), width=int(r["width"]), height=int(r["height"]))
-            got = pipe.generate(req).image
+            got = pipe.generate(req, on_step=clock).image
             with Image.open(ref_dir / r["file"]) as im:
                 want = np.asarray(im.convert("RGB"))
             if got.shape != want.shape:
@@ -99,6 +103,12 @@ def run_candidate(bundle: Bundle, cand: Candidate, refs: list[dict], ref_dir: Pa
         return Outcome(cand.name, cand.label, False, worst, cand.threshold_db, time.monotonic() - t0,
                        f"{type(e).__name__}: {e}")
     finally:
+        if meter is not None:
+            try:
+                meter.__exit__(None, None, None)
+                meter.cost.ms_per_step = clock.ms_per_step
+            except Exception as e:  # measuring must never turn a pass into a crash
+                say(f"[{cand.label}] measuring memory failed: {e}")
         close = getattr(backend, "close", None)
         if close is not None:
             try:
@@ -109,7 +119,8 @@ def run_candidate(bundle: Bundle, cand: Candidate, refs: list[dict], ref_dir: Pa
         gc.collect()
     ok = worst is not None and worst >= cand.threshold_db
     detail = "" if ok else f"worst image {worst:.1f} dB, below {cand.threshold_db:.0f} dB"
-    return Outcome(cand.name, cand.label, ok, worst, cand.threshold_db, time.monotonic() - t0, detail)
+    return Outcome(cand.name, cand.label, ok, worst, cand.threshold_db, time.monotonic() - t0, detail,
+                   meter.cost if meter else None)
 
 
 def _environment() -> dict:

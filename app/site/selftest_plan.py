@@ -55,6 +55,16 @@ def plan(bundle: Bundle, model_dir: Path, gpus: list, ort_providers: list[str] |
     out = [Candidate("torch", "PyTorch reference", THRESHOLD_DB["fp32"], skip=None if (
         Path(model_dir) / "model_index.json").is_file() else f"not run — the model folder {model_dir} is not here",
         make=lambda: TorchBackend(bundle, model=Path(model_dir)))]
+    import torch
+
+    has_model = (Path(model_dir) / "model_index.json").is_file()
+    tcuda = Candidate("torch-cuda", "PyTorch CUDA", THRESHOLD_DB["fp32"],
+                      make=lambda: TorchBackend(bundle, model=Path(model_dir), device=torch.device("cuda", 0)))
+    if not torch_cuda:
+        tcuda.skip = "not run — no CUDA device for PyTorch (no NVIDIA GPU, or a CPU build of PyTorch)"
+    elif not has_model:
+        tcuda.skip = f"not run — the model folder {model_dir} is not here"
+    out.append(tcuda)
     cpu = Candidate("onnxruntime-cpu", "ONNX Runtime CPU", prec, make=lambda: OrtBackend(bundle, "cpu"))
     if ort_providers is None:
         def missing():
