@@ -115,3 +115,18 @@ def test_real_entry_point_exit_code_and_no_traceback(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "app.cli", *argv], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value,path,scale", [
+    ("C:\\brand.safetensors:0.8", "C:\\brand.safetensors", 0.8),  # Windows drive letter + scale
+    ("C:\\brand.safetensors", "C:\\brand.safetensors", 1.0),  # drive letter, no scale
+    ("dir/a:b.safetensors", "dir/a:b.safetensors", 1.0),  # a colon in the name, no scale
+    ("dir/a:b.safetensors:-0.5", "dir/a:b.safetensors", -0.5),  # split at the LAST colon
+    ("brand.safetensors:1e-1", "brand.safetensors", 0.1),
+])
+def test_lora_argument_splits_at_the_last_colon(value, path, scale):
+    from pathlib import Path
+
+    from app.cli import _lora
+
+    assert _lora(value) == (Path(path), scale)
