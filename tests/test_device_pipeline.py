@@ -136,3 +136,40 @@ def test_engine_session_refuses_an_input_on_another_device(bundles):
         ids = torch.zeros(1, 77, dtype=torch.int64)  # on the CPU
         with pytest.raises(DeviceMismatch, match="input_ids is on cpu"):
             backend.run("text_encoder", {"input_ids": ids})
+
+
+def test_out_of_memory_on_the_gpu_is_one_sentence_with_the_fixes(bundles):
+    from app.runtime.gpu_errors import GpuOutOfMemory
+
+    bundle = _bundle(bundles["sd3"])
+    backend = StandInEngineBackend(bundle)
+    run = backend.run
+
+    def oom(component, inputs):
+        if component == "transformer":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run(component, inputs)
+
+    backend.run = oom
+    pipe = make_pipeline(bundle, backend)
+    job = pipe.prepare(_request("sd3", True, 40, 40))
+    pipe.prepare = lambda req: job
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(GpuOutOfMemory) as err:
+        pipe.generate(job.req)
+    msg = str(err.value)
+    assert "\n" not in msg and "ran out of memory in denoising" in msg and "40x40" in msg
+    assert "--low-vram" in msg and "--precision fp8" in msg and err.value.exit_code == 1
+
+
+def test_a_failed_engine_run_is_one_sentence(bundles):
+    from app.runtime.gpu_errors import GpuRunFailed
+
+    bundle = _bundle(bundles["sd3"])
+    backend = StandInEngineBackend(bundle)
+    pipe = make_pipeline(bundle, backend)
+    job = pipe.prepare(_request("sd3", False, 40, 40))
+    pipe.prepare = lambda req: job
+    backend.run = lambda c, i: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access\nmore"))
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(GpuRunFailed, match="edgegen doctor") as err:
+        pipe.generate(job.req)
+    assert "\n" not in str(err.value) and "encoding the prompt failed on cuda:0" in str(err.value)

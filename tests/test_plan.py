@@ -167,14 +167,13 @@ def test_small_vram_stages_components():
     assert "stages" in " ".join(p.notes)
 
 
-def test_too_small_for_one_component_streams_or_refuses():
+def test_too_small_for_one_stage_is_refused_not_streamed():
+    """No exported engine streams weights, so a plan never promises it: a stage that cannot fit is refused."""
     big = [ComponentInfo(name="transformer", kind="transformer", param_count=12_000_000_000)]
     p = make_plan(parse_gpu_option("sm89:10"), big, 1024, 1024)
-    assert p.strategy == "staged+streaming" and p.components[0].weight_streaming
-    assert p.peak_bytes <= p.usable_bytes
-    p = make_plan(parse_gpu_option("sm89:2"), big, 1024, 1024)
-    assert p.strategy == "does-not-fit" and "Lower" in p.notes[-1]
-    assert "does not fit" in p.components[0].notes[0]
+    assert p.strategy == "does-not-fit" and not p.components[0].weight_streaming
+    assert "Lower" in p.notes[-1] and "needs" in p.components[0].notes[-1]
+    assert make_plan(parse_gpu_option("sm89:24"), big, 1024, 1024).strategy == "all-resident"
 
 
 def test_detected_free_memory_limits_the_plan():

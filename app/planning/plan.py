@@ -13,10 +13,11 @@ from app.errors import UsageError
 from app.planning.gpus import GpuSpec
 from app.planning.policy import GIB, PRECISION_BYTES, choose_precision, engine_flavour_for_sm
 
-Kind = Literal["text_encoder", "transformer", "vae_decoder"]
+Kind = Literal["text_encoder", "vae_encoder", "transformer", "vae_decoder"]
 
 
-KINDS: tuple[str, ...] = ("text_encoder", "transformer", "vae_decoder")
+# Pipeline order, which is also the low-VRAM stage order (Pipeline.execute releases each before the next).
+KINDS: tuple[str, ...] = ("text_encoder", "vae_encoder", "transformer", "vae_decoder")
 
 
 @dataclass(frozen=True, kw_only=True)  # keywords only: param_count vs fp32_bytes must never be confused
@@ -115,7 +116,7 @@ class Plan:
 
 def _profile(kind: str, width: int, height: int, batch: int, cfg: bool) -> dict[str, list[int]]:
     # CFG runs the conditional and unconditional branch as one doubled batch; the VAE only decodes the result.
-    b = batch * (2 if cfg and kind != "vae_decoder" else 1)
+    b = batch * (2 if cfg and kind not in ("vae_decoder", "vae_encoder") else 1)
     prof = {"batch": [b, b, b]}
     if kind != "text_encoder":
         prof["height"] = [height, height, height]
@@ -126,15 +127,18 @@ def _profile(kind: str, width: int, height: int, batch: int, cfg: bool) -> dict[
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, TensorRT runtime
 
 
-DEFAULT_HIDDEN = {"text_encoder": 2560, "transformer": 3072, "vae_decoder": 0}
+DEFAULT_HIDDEN = {"text_encoder": 2560, "transformer": 3072, "vae_decoder": 0, "vae_encoder": 0}
 
 
-def estimate_activation_bytes(c: ComponentInfo, precision: str, width: int, height: int, batch: int) -> int:
-    """Rough peak activation/workspace memory. Deliberately generous: users report wrong VRAM accounting."""
+def estimate_activation_bytes(c: ComponentInfo, precision: str, width: int, height: int, batch: int,
+                              reference_pixels: int = 0) -> int:
+    """Rough peak activation/workspace memory. Deliberately generous: users report wrong VRAM accounting.
+
+    `reference_pixels`: input images' pixels whose tokens the transformer sees too (FLUX.2 Klein references)."""
     act_bytes = 4 if precision == "fp32" else 2  # FP8 graphs keep activations in 16-bit between Q/DQ pairs
     hidden = c.hidden_size or DEFAULT_HIDDEN[c.kind]
     if c.kind == "transformer":
-        tokens = (width // 16) * (height // 16) + c.text_tokens  # 8x VAE, 2x2 patches
+        tokens = (width // 16) * (height // 16) + reference_pixels // 256 + c.text_tokens  # 8x VAE, 2x2 patches
         return batch * tokens * hidden * act_bytes * 24 + int(0.5 * GIB)  # QKV, MLP 4x, attention tiles
     if c.kind == "text_encoder":
         return batch * c.text_tokens * hidden * act_bytes * 16 + int(0.25 * GIB)
@@ -157,6 +161,7 @@ def make_plan(
     height: int,
     batch: int = 1,
     cfg: bool = False,
+    reference_pixels: int = 0,
 ) -> Plan:
     """Decide precision, engine flavour, profile and VRAM stage for every component on `gpu` (None = CPU)."""
     if width <= 0 or height <= 0 or width % 16 or height % 16:
@@ -182,7 +187,7 @@ def make_plan(
                 profile=_profile(c.kind, width, height, batch, cfg),
                 weights_bytes=int(c.weights_bytes if c.weights_bytes is not None
                                   else c.params * PRECISION_BYTES[prec]),
-                activation_bytes=estimate_activation_bytes(c, prec, width, height, eff_batch),
+                activation_bytes=estimate_activation_bytes(c, prec, width, height, eff_batch, reference_pixels),
                 notes=[f"exported as {prec}; for this GPU the plan would export {best}"] if prec != best else [],
             )
         )
@@ -204,54 +209,36 @@ def make_plan(
 
 
 def _stage(plan: Plan) -> Plan:
-    """Keep everything resident if it fits; else group components greedily in pipeline order into stages."""
+    """Keep everything resident if it fits; else the runtime's low-VRAM stages, each of which must fit.
+
+    The stages are exactly what Pipeline.execute does in low-VRAM mode: the text encoders (released before
+    denoising), the transformer (released before decoding), the VAE decoder. Weight streaming is not offered:
+    no exported engine is built for it yet, and a plan must not promise what the runtime does not do."""
     usable = plan.usable_bytes or 0
     comps = plan.components
     total = sum(c.weights_bytes for c in comps) + max((c.activation_bytes for c in comps), default=0)
     if total <= usable:
         plan.peak_bytes = total
         return plan
-    # The runtime's low-VRAM mode (Pipeline.execute) has exactly these stages: text encoders, released before
-    # denoising; the transformer, released before decoding; the VAE decoder. The plan models what it does.
-    groups: list[list[ComponentPlan]] = []
-    for kind in KINDS:
-        g = [c for c in comps if c.kind == kind]
-        if g:
-            groups.append(g)
+    groups = [[c for c in comps if c.kind == kind] for kind in KINDS]
+    groups = [g for g in groups if g]
+    plan.strategy = "staged"
+    peaks = []
     for i, g in enumerate(groups, 1):
         for c in g:
             c.stage = i
-    plan.strategy = "staged"
-    for c in comps:
-        if c.peak_bytes <= usable:
-            continue
-        room = usable - c.activation_bytes
-        # Weight streaming keeps the rest of the weights in host memory; it needs room for a useful slice.
-        if room > 0.1 * c.weights_bytes:
-            c.weight_streaming = True
-            c.notes.append(
-                f"weight streaming: ~{room / GIB:.1f} of {c.weights_bytes / GIB:.1f} GiB on the GPU"
-            )
-            if plan.strategy == "staged":
-                plan.strategy = "staged+streaming"
-        else:
-            c.notes.append("does not fit even with weight streaming")
+        peak = sum(c.weights_bytes for c in g) + max(c.activation_bytes for c in g)
+        peaks.append(peak)
+        if peak > usable:
             plan.strategy = "does-not-fit"
-
-    def resident(c: ComponentPlan) -> int:
-        return (
-            min(c.weights_bytes, max(usable - c.activation_bytes, 0))
-            if c.weight_streaming
-            else c.weights_bytes
-        )
-
-    plan.peak_bytes = max(sum(resident(c) for c in g) + max(c.activation_bytes for c in g) for g in groups)
+            g[-1].notes.append(f"stage {i} ({', '.join(c.name for c in g)}) needs {peak / GIB:.1f} GiB alone")
+    plan.peak_bytes = max(peaks)
     plan.notes.append(
         f"Not everything fits in {usable / GIB:.1f} GiB of usable VRAM "
-        f"(all at once needs {total / GIB:.1f} GiB): "
-        f"components load and unload in {len(groups)} stages."
+        f"(all at once needs {total / GIB:.1f} GiB): components load and unload in {len(groups)} stages."
     )
     if plan.strategy == "does-not-fit":
-        plan.notes.append("Lower --width/--height or the batch, or use a GPU with more memory.")
+        plan.notes.append("Lower --width/--height, export a smaller precision (FP8 transformer, FP8 or BF16 text "
+                          "encoders), or use a GPU with more memory.")
     return plan
 
