@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     enforce_offline()
     torch.set_num_threads(a.threads)
-    import app.runtime.backend as backends
+    import app.runtime.ort_backend as backends
     from app.bundle.manifest import load_bundle
     from app.runtime.pipelines import GenerationRequest, make_pipeline
 

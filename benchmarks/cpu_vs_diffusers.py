@@ -180,7 +180,7 @@ def bench_family(family: str, work: Path, rounds: int, say) -> dict:
 
 
 def pin_threads(n: int) -> None:
-    import app.runtime.backend as backends
+    import app.runtime.ort_backend as backends
 
     torch.set_num_threads(n)
     default_options = backends.ort_session_options
