@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--accept-low-fidelity", action="store_true",
                    help="keep components below the fidelity thresholds (docs/BAD_INPUT.md); recorded in the manifest")
     e.add_argument("--skip-memory-check", action="store_true", help="export even when the RAM estimate exceeds what is free")
+    enc = e.add_mutually_exclusive_group()
+    enc.add_argument("--with-encoder", dest="with_encoder", action="store_true", default=None,
+                     help="export the VAE encoder too (images as input: Klein references, SD3.5 image-to-image); "
+                          "default on for FLUX.2 Klein, off for SD3.5")
+    enc.add_argument("--no-encoder", dest="with_encoder", action="store_false",
+                     help="leave the VAE encoder out (a smaller bundle that only generates from prompts)")
 
     g = sub.add_parser("generate", help="prompt -> PNG")
     g.add_argument("--bundle", type=Path, required=True)
@@ -115,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", type=Path, help="source model folder for --backend torch (default: as recorded)")
     g.add_argument("--count", type=int, default=1)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (CUDA numbering)")
+    g.add_argument("--image", type=Path, action="append", default=[], metavar="FILE",
+                   help="FLUX.2 Klein: a reference image (repeat for several); SD3.5: the init image for "
+                        "image-to-image. The size defaults to the (first) image's. Needs a bundle with the encoder")
+    g.add_argument("--strength", type=_finite, help="SD3.5 image-to-image: how much to redraw, in (0, 1] "
+                                                    "(default 0.6)")
     g.add_argument("--low-vram", action="store_true", default=None,
                    help="unload text encoders before denoising and the transformer before decoding "
                         "(default: when the plan says the components do not fit together)")
@@ -126,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu", default="auto", help='auto, a name such as "RTX 4090", or smXY:GiB')
     pl.add_argument("--width", type=_size)
     pl.add_argument("--height", type=_size)
+    pl.add_argument("--references", type=int, default=0, metavar="N",
+                    help="FLUX.2 Klein reference images per request (their tokens grow the transformer's memory)")
     pl.add_argument("--json", action="store_true")
 
     d = sub.add_parser("doctor", help="what works on this machine")
@@ -235,7 +248,7 @@ def cmd_export(args) -> int:
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
         text_encoder_precision=args.text_encoder_precision,
         loras=tuple(args.lora), overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
-        skip_memory_check=args.skip_memory_check,
+        skip_memory_check=args.skip_memory_check, with_encoder=args.with_encoder,
     )
     if args.sign:  # check the key before a long export, not after it
         from app.bundle.trust import load_signing_key
@@ -260,7 +273,7 @@ def cmd_generate(args) -> int:
         bundle_dir=args.bundle, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, backend=args.backend,
         model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar, device=args.device,
-        low_vram=args.low_vram,
+        low_vram=args.low_vram, images=tuple(args.image), strength=args.strength,
     )
     for p in paths:
         print(p)
@@ -277,8 +290,14 @@ def cmd_plan(args) -> int:
 
     comps, family, defaults = components_for(model=args.model, bundle=args.bundle)
     gpu = parse_gpu_option(args.gpu)
-    plan = make_plan(gpu, comps, args.width or defaults["width"], args.height or defaults["height"], batch=1,
-                     cfg=family.uses_negative_prompt)
+    w, h = args.width or defaults["width"], args.height or defaults["height"]
+    if not 0 <= args.references <= (family.max_images if family.name == "flux2-klein" else 0):
+        raise UsageError(f"--references {args.references}: {family.name} takes 0 to "
+                         f"{family.max_images if family.name == 'flux2-klein' else 0} reference images")
+    from app.planning.components import reference_pixels
+
+    plan = make_plan(gpu, comps, w, h, batch=1, cfg=family.uses_negative_prompt,
+                     reference_pixels=reference_pixels({}, args.references, w, h))
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

@@ -61,6 +61,7 @@ class ExportOptions:
     overwrite: bool = False
     accept_low_fidelity: bool = False  # keep components below export/fidelity.py's thresholds (recorded)
     skip_memory_check: bool = False
+    with_encoder: bool | None = None  # the VAE encoder (images as input); None: the family's default (Klein on)
     extra: dict = field(default_factory=dict)
 
 
@@ -92,6 +93,13 @@ def _text_length(folder: ModelFolder, own: dict) -> dict:
         raise UsageError(f"{folder.path / 'edgegen_defaults.json'}: max_sequence_length {n!r} is not usable; it "
                          "must be an integer in 16..512 and only FLUX.2 Klein models may set it")
     return {"max_sequence_length": n}
+
+
+def _image_inputs(fam, components: dict) -> dict:
+    """What a bundle with the VAE encoder accepts as images: the runtime, the profiles and the plan read it."""
+    if "vae_encoder" not in components:
+        return {}
+    return {"max_images": fam.max_images, "reference_max_pixels": fam.reference_max_pixels}
 
 
 def _defaults_and_range(folder: ModelFolder, opts: ExportOptions, own: dict | None = None,
@@ -187,8 +195,9 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     lora_records: list[dict] = []
     started = time.monotonic()
     with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
+        with_encoder = fam.encoder_by_default if opts.with_encoder is None else opts.with_encoder
         for spec in fam.components:
-            if not folder.present(spec.source):
+            if not folder.present(spec.source) or (spec.on_request and not with_encoder):
                 continue
             components[spec.name], records = export_one(folder, spec, w.tmp / spec.name, opts.loras, progress)
             lora_records = records or lora_records
@@ -205,7 +214,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "text_encoder_precision": "fp8" if fp8_encoders else "fp32",
             # Every shape the runtime needs, from the model's configs (app.bundle.families.model_dims).
             "pipeline": {"is_distilled": bool(folder.index.get("is_distilled", False)),
-                         **{k: v for k, v in dims.items() if v is not None}, **_text_length(folder, own)},
+                         **{k: v for k, v in dims.items() if v is not None}, **_text_length(folder, own),
+                         **_image_inputs(fam, components)},
             "components": components,
             "loras": lora_records,
             "tokenizers": [t for t in fam.tokenizers if folder.present(t)],

@@ -22,10 +22,21 @@ def dim_ranges(family: FamilySpec, component: str, size_range: dict, defaults: d
     tokens = lambda a, b: (a // cell) * (b // cell)  # noqa: E731
     if family.name == "flux2-klein":  # Klein's transformer/decoder work on packed tokens
         grid = {k: (a // family.patch, b // family.patch, c // family.patch) for k, (a, b, c) in grid.items()}
+    img_seq = (tokens(lo, lo), tokens(opt_w, opt_h), tokens(hi, hi))
+    refs = pipeline.get("max_images", 0) if family.name == "flux2-klein" else 0
+    if refs:  # reference tokens follow the noisy tokens: each at most the bundle's largest side and 1 MP
+        per_ref = min(tokens(hi, hi), pipeline.get("reference_max_pixels", 1 << 20) // (cell * cell))
+        img_seq = (img_seq[0], img_seq[1], img_seq[2] + refs * per_ref)
+    # the VAE encoder's image: Klein references may be any size from one token up to the largest side;
+    # SD3's init image is resized to the output size
+    smallest = cell if family.name == "flux2-klein" else lo
+    pixels = (smallest, opt_h, hi), (smallest, opt_w, hi)
     return {
         "batch": (1, batch_max, batch_max),
         "text_seq": (text, text, text),
-        "img_seq": (tokens(lo, lo), tokens(opt_w, opt_h), tokens(hi, hi)),
+        "img_seq": img_seq,
+        "height": pixels[0],
+        "width": pixels[1],
         **grid,
     }
 

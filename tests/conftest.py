@@ -65,3 +65,21 @@ def klein_bundle(klein_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sd3_bundle(sd3_model, tmp_path_factory) -> Path:
     return _dev_copy("sd3") or export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp32")
+
+
+@pytest.fixture(scope="session")
+def klein_encoder_bundle(klein_model, klein_bundle, tmp_path_factory) -> Path:
+    """A Klein bundle with the VAE encoder (export's default for Klein, so usually klein_bundle itself)."""
+    from app.bundle.manifest import load_bundle
+
+    if "vae_encoder" in load_bundle(klein_bundle, verify=False).components():
+        return klein_bundle
+    return _dev_copy("klein-encoder") or export_via_cli(
+        klein_model, tmp_path_factory.mktemp("bundles") / "klein-encoder", "--with-encoder")
+
+
+@pytest.fixture(scope="session")
+def sd3_encoder_bundle(sd3_model, tmp_path_factory) -> Path:
+    """An SD3 bundle exported with --with-encoder (image-to-image)."""
+    return _dev_copy("sd3-encoder") or export_via_cli(
+        sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-encoder", "--with-encoder")

@@ -73,7 +73,7 @@ def test_manifest_records_what_the_contract_asks(klein_bundle, klein_model):
     b = load_bundle(klein_bundle)
     m = b.manifest
     assert m["schema_version"] == 1 and m["family"] == "flux2-klein" and m["precision"] == "fp32"
-    assert set(m["components"]) == {"text_encoder", "transformer", "vae_decoder"}
+    assert set(m["components"]) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}  # Klein: encoder on
     for name, comp in m["components"].items():
         assert comp["fidelity"]["cosine"] > 0.9999 and comp["fidelity"]["max_abs_err"] < 1e-3
         assert len(comp["fidelity"]["shapes"]) == 2  # checked on two shapes

@@ -28,8 +28,9 @@ class ComponentSpec:
     wrapper: str  # key into app.models.wrappers.WRAPPERS
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    role: str  # text_encoder | transformer | vae_decoder
+    role: str  # text_encoder | vae_encoder | transformer | vae_decoder
     optional: bool = False  # may be absent from a model folder (SD3 without T5)
+    on_request: bool = False  # exported only when asked (the VAE encoder: export --with-encoder)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class FamilySpec:
     cfg_batched: tuple[str, ...] = ()
     # (model_index, model folder) -> generation defaults; distilled vs base differ for Klein
     defaults: Callable[[dict, Path], Defaults] = field(repr=False, default=None)
+    # Images as input (the VAE encoder): exported by default? how many images a request may carry (Klein:
+    # references; SD3: the one image-to-image input) and the area above which a reference is scaled down.
+    encoder_by_default: bool = False
+    max_images: int = 0
+    reference_max_pixels: int = 1024 * 1024  # Flux2KleinPipeline resizes references above 1 MP to 1024² area
 
     def component(self, name: str) -> ComponentSpec:
         return next(c for c in self.components if c.name == name)
@@ -111,6 +117,12 @@ FLUX2_KLEIN = FamilySpec(
             outputs=(_t("noise_pred", "float32", "batch", "img_seq", "latent_dim"),),
             role="transformer",
         ),
+        ComponentSpec(  # Flux2KleinPipeline._encode_vae_image: argmax, 2x2 patchify, batch-norm normalisation
+            "vae_encoder", "vae", "klein_vae_encoder",
+            inputs=(_t("image", "float32", "batch", 3, "height", "width"),),
+            outputs=(_t("latents", "float32", "batch", "packed_channels", "latent_height", "latent_width"),),
+            role="vae_encoder", on_request=True,
+        ),
         ComponentSpec(
             "vae_decoder", "vae", "klein_vae_decoder",
             inputs=(_t("latents", "float32", "batch", "packed_channels", "latent_height", "latent_width"),),
@@ -125,6 +137,8 @@ FLUX2_KLEIN = FamilySpec(
     uses_negative_prompt=False,
     text_lengths={"text_encoder": KLEIN_MAX_TOKENS, "transformer": KLEIN_MAX_TOKENS},
     defaults=_klein_defaults,
+    encoder_by_default=True,
+    max_images=4,  # reference images per request; the transformer's profiles cover this many
 )
 
 _CLIP_OUT = (
@@ -157,6 +171,13 @@ SD3 = FamilySpec(
             outputs=(_t("noise_pred", "float32", "batch", "latent_channels", "latent_height", "latent_width"),),
             role="transformer",
         ),
+        ComponentSpec(  # StableDiffusion3Img2ImgPipeline: latent_dist.sample (noise drawn on the host), scaled
+            "vae_encoder", "vae", "sd3_vae_encoder",
+            inputs=(_t("image", "float32", "batch", 3, "height", "width"),
+                    _t("noise", "float32", "batch", "latent_channels", "latent_height", "latent_width")),
+            outputs=(_t("latents", "float32", "batch", "latent_channels", "latent_height", "latent_width"),),
+            role="vae_encoder", on_request=True,
+        ),
         ComponentSpec(
             "vae_decoder", "vae", "sd3_vae_decoder",
             inputs=(_t("latents", "float32", "batch", "latent_channels", "latent_height", "latent_width"),),
@@ -173,6 +194,7 @@ SD3 = FamilySpec(
                   "transformer": SD3_CLIP_TOKENS + SD3_T5_TOKENS},
     cfg_batched=("transformer",),
     defaults=_sd3_defaults,
+    max_images=1,  # image-to-image: one init image
 )
 
 FAMILIES: dict[str, FamilySpec] = {f.name: f for f in (FLUX2_KLEIN, SD3)}

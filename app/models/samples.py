@@ -27,7 +27,14 @@ def _klein_samples(pipe, component: str, batch: int, h: int, w: int, text_len: i
     if component == "vae_decoder":
         packed = pipe.vae.config.latent_channels * 4  # 2x2-patchified latents, as the transformer sees them
         return {"latents": torch.randn(batch, packed, h, w, generator=g)}
+    if component == "vae_encoder":  # an image whose packed grid is h x w
+        cell = _vae_scale(pipe) * 2
+        return {"image": torch.rand(batch, 3, h * cell, w * cell, generator=g) * 2 - 1}
     raise KeyError(component)
+
+
+def _vae_scale(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # as diffusers derives vae_scale_factor
 
 
 def _sd3_samples(pipe, component: str, batch: int, h: int, w: int, text_len: int):
@@ -46,6 +53,10 @@ def _sd3_samples(pipe, component: str, batch: int, h: int, w: int, text_len: int
         }
     if component == "vae_decoder":
         return {"latents": torch.randn(batch, pipe.vae.config.latent_channels, h, w, generator=g)}
+    if component == "vae_encoder":  # an image whose latent grid is h x w, and the posterior's sampling noise
+        cell = _vae_scale(pipe)
+        return {"image": torch.rand(batch, 3, h * cell, w * cell, generator=g) * 2 - 1,
+                "noise": torch.randn(batch, pipe.vae.config.latent_channels, h, w, generator=g)}
     raise KeyError(component)
 
 

@@ -82,6 +82,45 @@ class KleinVaeDecoder(nn.Module):
         return self.vae.decode(x, return_dict=False)[0]
 
 
+def _patchify(latents):
+    """Flux2KleinPipeline._patchify_latents: (B, C, H, W) -> (B, 4C, H/2, W/2)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c * 4, h // 2, w // 2)
+
+
+class KleinVaeEncoder(nn.Module):
+    """Image in [-1, 1] -> packed, normalised reference latents, as Flux2KleinPipeline._encode_vae_image: the
+    posterior's mode (sample_mode="argmax"), 2x2 patchify, then (x - bn.running_mean) / sqrt(running_var + eps)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        latents = _patchify(self.vae.encode(image).latent_dist.mode())
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
+        return (latents - mean) / std
+
+
+class SD3VaeEncoder(nn.Module):
+    """Image in [-1, 1] + standard-normal noise -> scaled init latents, as StableDiffusion3Img2ImgPipeline:
+    latent_dist.sample(generator) is mean + std * noise (the noise drawn on the host from the request's
+    generator, first), then (x - shift_factor) * scaling_factor."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image, noise):
+        dist = self.vae.encode(image).latent_dist
+        x = dist.mean + dist.std * noise
+        cfg = self.vae.config
+        return (x - cfg.shift_factor) * cfg.scaling_factor
+
+
 class ClipTextEncoder(nn.Module):
     """CLIPTextModelWithProjection -> (pooled projection, penultimate hidden state), as SD3 uses them."""
 
@@ -147,6 +186,8 @@ WRAPPERS = {
     "klein_text_encoder": KleinTextEncoder,
     "klein_transformer": KleinTransformer,
     "klein_vae_decoder": KleinVaeDecoder,
+    "klein_vae_encoder": KleinVaeEncoder,
+    "sd3_vae_encoder": SD3VaeEncoder,
     "clip_text_encoder": ClipTextEncoder,
     "t5_text_encoder": T5TextEncoder,
     "sd3_transformer": SD3Transformer,

@@ -48,7 +48,8 @@ def components_for(model: Path | None = None, bundle: Path | None = None):
 
     folder = inspect_folder(model)
     comps = [ComponentInfo(name=s.name, kind=s.role, param_count=safetensors_params(folder.path / s.source))
-             for s in folder.family.components if folder.present(s.source)]
+             for s in folder.family.components
+             if folder.present(s.source) and (not s.on_request or folder.family.encoder_by_default)]
     d = folder.family.defaults(folder.index, folder.path)
     return comps, folder.family, {"width": d.width, "height": d.height}
 
@@ -70,13 +71,23 @@ def bundle_components(bundle, sm: str | None = None) -> list[ComponentInfo]:
             for n, c in bundle.components().items()]
 
 
-def bundle_plan(bundle, gpu, width: int, height: int, batch: int = 1):
-    """The plan for running `bundle` on `gpu` (a GpuSpec, or None for the CPU) at one size."""
+def reference_pixels(pipeline: dict, references: int, width: int, height: int) -> int:
+    """Pixels of `references` input images as the transformer sees them: each at most the bundle's reference
+    area (FLUX.2 Klein scales larger ones down to 1 MP), estimated at the output's size."""
+    return references * min(width * height, pipeline.get("reference_max_pixels", 1 << 20))
+
+
+def bundle_plan(bundle, gpu, width: int, height: int, batch: int = 1, references: int = 0):
+    """The plan for running `bundle` on `gpu` (a GpuSpec, or None for the CPU) at one size.
+
+    `references`: how many input images the transformer sees as extra tokens (FLUX.2 Klein), each estimated at
+    the output's size up to the bundle's reference area (1 MP)."""
     from app.planning.plan import make_plan
 
     def up16(v: int) -> int:  # tiny test bundles allow sizes the plan's 16-px grid does not; estimate above them
         return max(16, -(-int(v) // 16) * 16)
 
     cfg = bundle.family.uses_negative_prompt or not bundle.manifest["pipeline"].get("is_distilled", True)
+    ref_pixels = reference_pixels(bundle.manifest["pipeline"], references, up16(width), up16(height))
     return make_plan(gpu, bundle_components(bundle, gpu.sm if gpu else None), up16(width), up16(height),
-                     batch=batch, cfg=cfg)
+                     batch=batch, cfg=cfg, reference_pixels=ref_pixels)

@@ -25,14 +25,28 @@ def image_metadata(bundle, backend, result) -> dict:
         "guidance": r.guidance, "width": r.width, "height": r.height, "model": bundle.manifest["source"]["name"],
         "family": bundle.manifest["family"], "bundle_sha256": bundle.manifest_sha256, "backend": backend.name,
         "precision": bundle.precision, "edgegen": __version__,
+        **image_inputs_metadata(result),
     }
+
+
+def image_inputs_metadata(result) -> dict:
+    """Input images (Klein references, or SD3.5's init image) as file names + sha256 + the path they were read
+    from, and the strength (image-to-image), only when the request had images."""
+    refs = getattr(result, "references", None) or []
+    if not refs:
+        return {}
+    meta = {"references": [{"name": r["name"], "sha256": r["sha256"], "path": r["path"]} for r in refs]}
+    if result.request.strength is not None:
+        meta["strength"] = result.request.strength
+    return meta
 
 
 def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt: str = "", seed: int = 0,
                    steps=None, guidance=None, width=None, height=None, backend: str = "auto", model=None,
                    count: int = 1, say: Callable[[str], None] = print, step_bar=None, device: str = "auto",
-                   low_vram: bool | None = None) -> list[Path]:
+                   low_vram: bool | None = None, images: tuple = (), strength: float | None = None) -> list[Path]:
     from app.errors import UsageError
+    from app.runtime.references import check_cli_images, check_count_and_strength, check_images, read_image
 
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must end in .png")
@@ -41,6 +55,17 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
     from app.runtime.device import parse_device
 
     where = parse_device(device)  # a bad --device is refused before the bundle is hashed
+    check_cli_images(images, None, strength, None)  # files exist and are images, strength in (0, 1]
+    if images or strength is not None:  # count, family and encoder from the manifest alone, before hashing
+        from app.errors import EdgegenError
+
+        try:
+            unverified = load_bundle(bundle_dir, verify=False)
+        except EdgegenError:
+            unverified = None  # the verified load below says what is wrong with the bundle
+        if unverified is not None:
+            check_count_and_strength(unverified, tuple(images), strength)
+            check_images(unverified, [read_image(p) for p in images])
     bundle = load_bundle(bundle_dir)
     say(f"signature: {bundle.signature.describe()}")
     be, reason = make_backend(bundle, backend, model, device=where)
@@ -51,7 +76,8 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
     written = []
     for path, s in zip(output_paths(out, seed, count), range(seed, seed + count)):
         req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps,
-                                guidance=guidance, width=width, height=height)
+                                guidance=guidance, width=width, height=height, images=tuple(map(str, images)),
+                                strength=strength)
         if step_bar is None:
             result = pipe.generate(req)
         else:

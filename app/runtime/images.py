@@ -22,6 +22,13 @@ def a1111_parameters(meta: dict) -> str:
         f"Model hash: {meta['bundle_sha256'][:10]}, Backend: {meta['backend']}, Precision: {meta['precision']}, "
         f"Version: edgegen {meta.get('edgegen', '')}"
     )
+    refs = meta.get("references") or []
+    if refs:
+        label = "Init image" if meta.get("strength") is not None else "Reference"
+        lines[-1] += "".join(f", {label}{'' if len(refs) == 1 else f' {i + 1}'}: {r['name']} ({r['sha256'][:10]})"
+                             for i, r in enumerate(refs))
+    if meta.get("strength") is not None:
+        lines[-1] += f", Denoising strength: {meta['strength']}"
     return "\n".join(lines)
 
 

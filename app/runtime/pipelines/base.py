@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -38,6 +38,10 @@ class GenerationRequest:
     guidance: float | None = None
     width: int | None = None
     height: int | None = None
+    # Images as input (bundles with the VAE encoder): FLUX.2 Klein references, or SD3.5's one init image. File
+    # paths, read on the host in prepare; with images, the size defaults to the (first) image's.
+    images: tuple[str, ...] = ()
+    strength: float | None = None  # SD3.5 image-to-image only; None: diffusers' default 0.6
 
 
 @dataclass
@@ -46,6 +50,7 @@ class GenerationResult:
     request: GenerationRequest  # with defaults filled in
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    references: list[dict] = field(default_factory=list)  # name, sha256, path, size of each input image
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Job:
     sigmas: list[float]  # len(timesteps) + 1; the Euler step is x += (sigmas[i+1] - sigmas[i]) * v
     state: dict = field(default_factory=dict)  # family-specific host values (grid size, ids)
     warnings: list[str] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)  # CPU, NCHW in [-1, 1], ready for the VAE encoder
+    references: list[dict] = field(default_factory=list)  # what the metadata records about each input image
 
 
 class Pipeline:
@@ -78,13 +85,15 @@ class Pipeline:
         self._last_cond: tuple[tuple, object, list[str]] | None = None
 
     # ----- host side ---------------------------------------------------------------------------------------
-    def resolve(self, req: GenerationRequest) -> GenerationRequest:
+    def resolve(self, req: GenerationRequest, size: tuple[int, int] | None = None) -> GenerationRequest:
+        """Defaults filled in and checked; `size` (width, height) replaces the bundle's default size (images)."""
         d = self.bundle.defaults
-        req = GenerationRequest(
-            prompt=req.prompt, negative_prompt=req.negative_prompt or "", seed=req.seed,
+        w, h = size or (d["width"], d["height"])
+        req = replace(
+            req, negative_prompt=req.negative_prompt or "", images=tuple(str(p) for p in req.images),
             steps=req.steps if req.steps is not None else d["steps"],
             guidance=req.guidance if req.guidance is not None else d["guidance"],
-            width=req.width or d["width"], height=req.height or d["height"],
+            width=req.width or w, height=req.height or h,
         )
         rng = self.bundle.manifest["size_range"]
         for axis, value in (("width", req.width), ("height", req.height)):
@@ -142,12 +151,20 @@ class Pipeline:
 
     def prepare(self, req: GenerationRequest) -> Job:
         """Host-side work for one image: nothing here touches the backend or the device."""
-        req = self.resolve(req)
+        from app.runtime.references import check_count_and_strength, read_image
+
+        check_count_and_strength(self.bundle, tuple(req.images), req.strength)
+        inputs = [read_image(p) for p in req.images]
+        req = self.resolve(req, self.image_size(req, inputs) if inputs else None)
         self.warnings = []
         tokens = self.tokenize(req)
         noise, state = self.initial_noise(req)
         timesteps, sigmas = self.schedule(req, state)
-        return Job(req, tokens, noise, timesteps, sigmas, state, list(self.warnings))
+        job = Job(req, tokens, noise, timesteps, sigmas, state, list(self.warnings),
+                  references=[i.record() for i in inputs])
+        if inputs:
+            self.prepare_images(job, inputs)
+        return job
 
     # ----- device side -------------------------------------------------------------------------------------
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -162,10 +179,14 @@ class Pipeline:
         cond = self.encode_cached(job)
         if self.low_vram:  # the plan says the components do not fit together: text encoders leave first
             self.release(self.text_encoders)
+        state = self.device_state(job)
+        if job.images:  # the VAE encoder, once per job, before the denoising loop
+            state = self.encode_images(job, state)
+            if self.low_vram:
+                self.release(("vae_encoder",))
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        latents = self.to_device(job.noise)
-        state = self.device_state(job)
+        latents = self.initial_latents(job, state)
         n = len(job.timesteps)
         for i, t in enumerate(job.timesteps):
             if cancel is not None and cancel.is_set():
@@ -209,7 +230,8 @@ class Pipeline:
                 raise
             raise self._gpu_failure(e, job.req, timings) from None
         timings["total"] = time.perf_counter() - t0
-        return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings))
+        return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings),
+                                references=list(job.references))
 
     def _gpu_failure(self, exc: BaseException, req: GenerationRequest, timings: dict):
         """A GPU failure as one sentence with the numbers: the plan's peak for this size and NVML's free bytes."""
@@ -224,7 +246,9 @@ class Pipeline:
         need = None
         try:
             if gpu is not None:
-                need = bundle_plan(self.bundle, gpu_spec_from_info(gpu), req.width, req.height).peak_bytes
+                refs = len(req.images) if self.bundle.manifest["family"] == "flux2-klein" else 0
+                need = bundle_plan(self.bundle, gpu_spec_from_info(gpu), req.width, req.height,
+                                   references=refs).peak_bytes
         except Exception:  # the estimate is a courtesy; the sentence must come out regardless
             need = None
         return translate(exc, stage=stage, device=self.device, need_bytes=need,
@@ -252,6 +276,10 @@ class Pipeline:
         """Prompt embeddings for a request on the device (calibration and benchmarks call this directly)."""
         return self.encode_tokens(self.tokenize(req), req)
 
+    def run_vae_encoder(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The VAE encoder's latents for host tensors, owned by the caller (the next run reuses the buffer)."""
+        return self.run_encoder("vae_encoder", inputs, "latents")
+
     def run_encoder(self, component: str, inputs: dict[str, torch.Tensor], output: str) -> torch.Tensor:
         """One text-encoder output as float32, owned by the caller (backends reuse their output buffers)."""
         out = self.backend.run(component, {k: self.to_device(v) for k, v in inputs.items()})[output]
@@ -264,6 +292,10 @@ class Pipeline:
     def schedule(self, req: GenerationRequest, state: dict) -> tuple[list[float], list[float]]:
         raise NotImplementedError
     def device_state(self, job: Job) -> dict: return dict(job.state)
+    def image_size(self, req: GenerationRequest, inputs: list) -> tuple[int, int] | None: return None
+    def prepare_images(self, job: Job, inputs: list) -> None: raise NotImplementedError
+    def encode_images(self, job: Job, state: dict) -> dict: raise NotImplementedError
+    def initial_latents(self, job: Job, state: dict) -> torch.Tensor: return self.to_device(job.noise)
     def predict(self, latents, t: float, req: GenerationRequest, cond, state) -> torch.Tensor:
         raise NotImplementedError
     def decode(self, latents, req: GenerationRequest, state) -> torch.Tensor: raise NotImplementedError

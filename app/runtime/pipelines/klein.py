@@ -25,6 +25,13 @@ def latent_ids(batch: int, h: int, w: int) -> torch.Tensor:
     return ids.unsqueeze(0).expand(batch, -1, -1)
 
 
+def reference_ids(batch: int, grids: list[tuple[int, int]]) -> torch.Tensor:
+    """(10 + 10 i, y, x, 0) for the i-th reference, as Flux2KleinPipeline._prepare_image_ids builds them."""
+    ids = [torch.cartesian_prod(torch.tensor([10 + 10 * i]), torch.arange(h), torch.arange(w), torch.arange(1))
+           for i, (h, w) in enumerate(grids)]
+    return torch.cat(ids).unsqueeze(0).expand(batch, -1, -1)
+
+
 class KleinPipeline(Pipeline):
     text_encoders = ("text_encoder",)
 
@@ -75,24 +82,65 @@ class KleinPipeline(Pipeline):
         mu = compute_empirical_mu(image_seq_len=state["h"] * state["w"], num_steps=req.steps)
         return self.host_schedule(req.steps, sigmas=sigmas, mu=mu)
 
+    # ----- references: Flux2KleinPipeline's image= path --------------------------------------------------------
+    def image_size(self, req, inputs):
+        from app.runtime.references import reference_size
+
+        return reference_size(inputs[0].size, self.bundle.manifest["pipeline"])  # the first reference's size
+
+    def prepare_images(self, job: Job, inputs: list) -> None:
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        from app.runtime.references import check_reference_size, reference_size
+
+        m = self.bundle.manifest["pipeline"]["vae_scale_factor"] * 2
+        area = self.bundle.manifest["pipeline"].get("reference_max_pixels", 1024 * 1024)
+        processor = Flux2ImageProcessor(vae_scale_factor=m)
+        grids = []
+        for ref in inputs:
+            w, h = reference_size(ref.size, self.bundle.manifest["pipeline"])
+            check_reference_size(ref, w, h, self.bundle.manifest["size_range"]["max"])
+            img = ref.image
+            if img.size[0] * img.size[1] > area:
+                img = Flux2ImageProcessor._resize_to_target_area(img, area)
+            job.images.append(processor.preprocess(img, height=h, width=w, resize_mode="crop").float())
+            grids.append((h // m, w // m))
+        job.state["ref_grids"] = grids
+
+    def encode_images(self, job: Job, state: dict) -> dict:
+        """Each reference through the VAE encoder on the device, packed and concatenated (N_ref tokens, C)."""
+        packed = []
+        for image in job.images:
+            lat = self.run_vae_encoder({"image": image})  # (1, C, h, w), normalised, owned
+            packed.append(lat.reshape(1, lat.shape[1], -1).permute(0, 2, 1))
+        return {**state, "ref_tokens": torch.cat(packed, dim=1)}
+
     def device_state(self, job: Job) -> dict:
         h, w = job.state["h"], job.state["w"]
         length = job.tokens["pos"]["input_ids"].shape[1]
         batch = 2 if job.tokens["neg"] is not None else 1  # CFG: [positive, negative] in one batch
+        ids = latent_ids(batch, h, w)
+        if job.state.get("ref_grids"):  # reference ids follow the noisy tokens' ids, as the tokens do
+            ids = torch.cat([ids, reference_ids(batch, job.state["ref_grids"])], dim=1)
         return {**job.state, "batch": batch,
-                "img_ids": self.to_device(latent_ids(batch, h, w)),
+                "img_ids": self.to_device(ids),
                 "txt_ids": self.to_device(text_ids(batch, length))}
 
     def predict(self, latents, t, req, cond, state):
         pos, neg = cond
         batch = state["batch"]
-        x = latents if batch == 1 else torch.cat([latents, latents])
+        refs = state.get("ref_tokens")
+        x = latents if refs is None else torch.cat([latents, refs], dim=1)  # references at the same timestep
+        x = x if batch == 1 else torch.cat([x, x])
         embeds = pos if neg is None else torch.cat([pos, neg])
         timestep = torch.full((batch,), t, dtype=torch.float32, device=self.device) / 1000
         out = self.backend.run("transformer", {
             "hidden_states": x, "encoder_hidden_states": embeds, "timestep": timestep,
             "img_ids": state["img_ids"], "txt_ids": state["txt_ids"],
-        })["noise_pred"].float()
+        })["noise_pred"]
+        if refs is not None:  # the prediction for the noisy tokens only
+            out = out.narrow(1, 0, latents.shape[1])
+        out = out.float()
         if neg is None:
             return out
         cond_pred, uncond = out.chunk(2)

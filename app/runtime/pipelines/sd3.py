@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 
-from app.runtime.pipelines.base import GenerationRequest, Pipeline
+from app.runtime.pipelines.base import GenerationRequest, Job, Pipeline
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+DEFAULT_STRENGTH = 0.6  # StableDiffusion3Img2ImgPipeline's default
 
 
 class SD3Pipeline(Pipeline):
@@ -66,7 +70,14 @@ class SD3Pipeline(Pipeline):
     def initial_noise(self, req: GenerationRequest):
         channels = self._input("transformer", "hidden_states")["shape"][1]
         scale = self.bundle.manifest["pipeline"]["vae_scale_factor"]
-        return self.noise((1, channels, req.height // scale, req.width // scale), req.seed), {}
+        shape = (1, channels, req.height // scale, req.width // scale)
+        if not req.images:
+            return self.noise(shape, req.seed), {}
+        # Image-to-image draws twice from the one generator, in diffusers' order: the VAE posterior's sample
+        # (latent_dist.sample(generator)) first, then the noise scale_noise mixes in.
+        g = torch.Generator("cpu").manual_seed(req.seed)
+        posterior = torch.randn(shape, generator=g, dtype=torch.float32)
+        return torch.randn(shape, generator=g, dtype=torch.float32), {"posterior_noise": posterior}
 
     def schedule(self, req, state):
         kwargs = {}
@@ -78,7 +89,45 @@ class SD3Pipeline(Pipeline):
             seq = (req.height // cell) * (req.width // cell)
             kwargs["mu"] = calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                                            c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-        return self.host_schedule(req.steps, **kwargs)
+        timesteps, sigmas = self.host_schedule(req.steps, **kwargs)
+        if req.images:  # StableDiffusion3Img2ImgPipeline.get_timesteps: strength cuts the start of the schedule
+            init = min(req.steps * req.strength, req.steps)
+            start = int(max(req.steps - init, 0)) * self._scheduler.order
+            timesteps, sigmas = timesteps[start:], sigmas[start:]
+        return timesteps, sigmas
+
+    # ----- image-to-image: StableDiffusion3Img2ImgPipeline ------------------------------------------------------
+    def resolve(self, req, size=None):
+        req = super().resolve(req, size)
+        return replace(req, strength=DEFAULT_STRENGTH) if req.images and req.strength is None else req
+
+    def image_size(self, req, inputs):
+        """The init image's size, scaled down into the bundle's range and cut to its multiple (diffusers would
+        default to 1024 x 1024 and stretch the image; pass --width/--height for that)."""
+        w, h = inputs[0].size
+        r = self.bundle.manifest["size_range"]
+        s = min(1.0, r["max"] / w, r["max"] / h)
+        fit = lambda v: max(r["min"], (int(v * s) // r["multiple"]) * r["multiple"])  # noqa: E731
+        return fit(w), fit(h)
+
+    def prepare_images(self, job: Job, inputs: list) -> None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        p = self.bundle.manifest["pipeline"]
+        processor = VaeImageProcessor(vae_scale_factor=p["vae_scale_factor"], vae_latent_channels=p["latent_channels"])
+        job.images.append(processor.preprocess(inputs[0].image, height=job.req.height, width=job.req.width).float())
+
+    def encode_images(self, job: Job, state: dict) -> dict:
+        init = self.run_vae_encoder({"image": job.images[0], "noise": job.state["posterior_noise"]})
+        return {**state, "init_latents": init}
+
+    def initial_latents(self, job: Job, state: dict) -> torch.Tensor:
+        noise = self.to_device(job.noise)
+        if "init_latents" not in state:
+            return noise
+        # FlowMatchEulerDiscreteScheduler.scale_noise at the first kept step, in float32 as diffusers computes it
+        sigma = np.float32(job.sigmas[0])
+        return float(sigma) * noise + float(np.float32(1.0) - sigma) * state["init_latents"]
 
     def predict(self, latents, t, req, cond, state):
         embeds, pooled = cond

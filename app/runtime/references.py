@@ -1,0 +1,143 @@
+"""Images as input, on the host: read, hash and check reference / init images before any model work.
+
+Images are read as diffusers' own `load_image` reads them (EXIF orientation applied, converted to RGB), so the
+same files give the same pixels here and in `Flux2KleinPipeline(image=...)` / `StableDiffusion3Img2ImgPipeline`.
+The bytes are read once: the sha256 recorded in the PNG is the hash of exactly what was decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import UsageError
+
+# Flux2ImageProcessor.check_image_input: references smaller than this or more elongated are refused by diffusers.
+MIN_SIDE, MAX_ASPECT = 64, 8
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: str
+    name: str
+    sha256: str
+    image: object  # PIL.Image.Image, RGB
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def record(self) -> dict:
+        """What the PNG metadata and the gallery keep about it."""
+        w, h = self.size
+        return {"name": self.name, "sha256": self.sha256, "path": str(Path(self.path).absolute()),
+                "width": w, "height": h}
+
+
+def read_image(path: str | Path) -> InputImage:
+    """One image file as diffusers.utils.load_image reads it; UsageError (one line) when it is not one."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--image {p}: no such file; check the path")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UsageError(f"--image {p}: cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        im = Image.open(io.BytesIO(data))
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise UsageError(f"--image {p}: not an image PIL can read (PNG, JPEG, WebP, ...); convert it first") from None
+    return InputImage(str(p), p.name, hashlib.sha256(data).hexdigest(), im)
+
+
+def check_count_and_strength(bundle, images: tuple, strength: float | None) -> None:
+    """The checks that need only the bundle's manifest: no model work, no image read."""
+    family = bundle.manifest["family"]
+    pipe = bundle.manifest["pipeline"]
+    if strength is not None:
+        if family != "sd3.5":
+            raise UsageError("--strength applies to SD3.5 image-to-image only; FLUX.2 Klein uses --image as "
+                             "references without a strength")
+        if not images:
+            raise UsageError("--strength needs an init image: add --image FILE")
+        check_strength(strength)
+    if not images:
+        return
+    if "vae_encoder" not in bundle.components():
+        raise UsageError(f"the bundle {bundle.root} has no VAE encoder, so it cannot take --image; re-export it "
+                         f"with: {encoder_export_command(bundle)}")
+    limit = int(pipe.get("max_images", 1))
+    if len(images) > limit:
+        what = "reference images" if family == "flux2-klein" else "init image"
+        raise UsageError(f"{len(images)} --image given; this bundle takes at most {limit} {what}")
+
+
+def check_strength(strength: float) -> None:
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 < strength <= 1):
+        raise UsageError(f"--strength {strength} must be in (0, 1]: 1 redraws everything, small values keep "
+                         "more of the init image")
+
+
+def check_cli_images(paths, family: str | None, strength: float | None, max_images: int | None) -> None:
+    """The --image/--strength checks the CLI makes before a bundle is loaded (files exist and are images)."""
+    if strength is not None:
+        check_strength(strength)
+        if not paths:
+            raise UsageError("--strength needs an init image: add --image FILE")
+    if max_images is not None and len(paths) > max_images:
+        raise UsageError(f"{len(paths)} --image given; this bundle takes at most {max_images}")
+    for p in paths:
+        read_image(p)
+
+
+def encoder_export_command(bundle) -> str:
+    """The exact export command that rebuilds `bundle` with the VAE encoder (same options, in place)."""
+    m = bundle.manifest
+    r = m.get("size_range", {})
+    cmd = bundle.rebuild_hint().removesuffix(" --overwrite")
+    if r:
+        cmd += f" --min-size {r['min']} --max-size {r['max']}"
+    engines = m.get("engines") or []
+    if engines:
+        sms = sorted({str(e["sm"]) for e in engines if e.get("sm") is not None})
+        cmd += f" --target {engines[0]['flavour']}" + (f" --sm {','.join(sms)}" if sms else "")
+    return cmd + " --with-encoder --overwrite"
+
+
+def reference_size(size: tuple[int, int], pipeline: dict) -> tuple[int, int]:
+    """A FLUX.2 Klein reference's size after diffusers' preprocessing: scaled to the reference area (1 MP) if
+    larger (Flux2ImageProcessor._resize_to_target_area), then cut down to a multiple of vae_scale_factor * 2."""
+    w, h = size
+    area = pipeline.get("reference_max_pixels", 1024 * 1024)
+    if w * h > area:
+        scale = math.sqrt(area / (w * h))
+        w, h = int(w * scale), int(h * scale)
+    m = pipeline["vae_scale_factor"] * 2
+    return (w // m) * m, (h // m) * m
+
+
+def check_images(bundle, inputs: list[InputImage]) -> None:
+    """Per-image checks that need the bundle's manifest but no model (CLI: before the bundle is hashed)."""
+    if bundle.manifest["family"] != "flux2-klein":
+        return
+    for img in inputs:
+        w, h = reference_size(img.size, bundle.manifest["pipeline"])
+        check_reference_size(img, w, h, bundle.manifest["size_range"]["max"])
+
+
+def check_reference_size(img: InputImage, w: int, h: int, largest: int) -> None:
+    """Flux2ImageProcessor.check_image_input's limits, and the encoder's profile (the bundle's largest side)."""
+    W, H = img.size
+    if W < MIN_SIDE or H < MIN_SIDE:
+        raise UsageError(f"--image {img.name} is {W}x{H}; references must be at least {MIN_SIDE} px on each side")
+    if max(W / H, H / W) > MAX_ASPECT:
+        raise UsageError(f"--image {img.name} is {W}x{H}; references may be at most {MAX_ASPECT}:1 wide or tall")
+    if max(w, h) > largest:
+        raise UsageError(f"--image {img.name} is {w}x{h} after preprocessing; this bundle encodes at most "
+                         f"{largest} px per side: crop it, or re-export with a larger --max-size")
