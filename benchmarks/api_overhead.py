@@ -37,8 +37,8 @@ def in_thread(fn, *args) -> float:
 
 def in_process(bundle_dir: Path, out: Path, count: int, steps: int | None) -> float:
     """What `edgegen generate --count N` does per image: one loaded pipeline, generate, save the PNG, audit."""
-    from app.runtime.audit import AuditLog
     from app.bundle.manifest import load_bundle
+    from app.runtime.audit import AuditLog
     from app.runtime.backend import make_backend
     from app.runtime.generate import image_metadata
     from app.runtime.images import save_png

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from test_server_helpers import DOCS, demo_bundle, server_config, start_server  # noqa: F401
 
 pytest.importorskip("aiohttp")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import requests
 from PIL import Image
-
 from test_server_helpers import ROOT, demo_bundle, rss_bytes, start_server, t2i_graph, wait_history  # noqa: F401
 
 pytest.importorskip("aiohttp")
@@ -142,7 +141,7 @@ def test_a_job_that_keeps_dying_is_failed_not_retried_forever(tmp_path):
     from app.server.queue import ERROR, PENDING, JobQueue
 
     q = JobQueue(tmp_path / "q.sqlite3", max_attempts=2)
-    job_id, number = q.submit({"1": {}}, json.dumps({"tasks": [], "notes": []}))
+    job_id, _ = q.submit({"1": {}}, json.dumps({"tasks": [], "notes": []}))
     assert q.claim_next().id == job_id
     q.close()  # the process dies with the job running
     q = JobQueue(tmp_path / "q.sqlite3", max_attempts=2)

@@ -325,13 +325,34 @@ def _compact(graph: dict, node: str, bundles: BundleIndex, input_dir: Path) -> T
     if steps is not None:
         _check_steps(node, steps)
     refs = _references(graph, node, input_dir)
-    if refs and "images" not in request_fields():
+    strength = _value(graph, node, "strength", float, default=None, required=False)
+    if (refs or strength is not None) and not {"images", "strength"} <= request_fields():
         raise _Bad(node, "Reference images need a newer bundle/runtime",
                    "this edgegen's runtime cannot condition on reference images yet; remove 'images' or "
                    "update edgegen")
-    reqs = tuple(_request(prompt, negative, seed + i, steps, guidance, width, height) for i in range(count))
+    if refs or strength is not None:
+        _check_images(node, bundle_dir, tuple(str(r) for r in refs), strength)
+    extra = {"strength": strength} if strength is not None else {}
+    reqs = tuple(dict(_request(prompt, negative, seed + i, steps, guidance, width, height), **extra)
+                 for i in range(count))
     prefix = _prefix(graph, node)
     return Task(node, node, str(bundle_dir), reqs, prefix, tuple(str(r) for r in refs))
+
+
+def _check_images(node, bundle_dir: Path, images: tuple[str, ...], strength) -> None:
+    """The runtime's own check (reference count, encoder present, strength range) from the manifest alone."""
+    from app.errors import EdgegenError
+
+    try:
+        from app.runtime.references import check_count_and_strength
+    except ImportError:
+        return  # an older runtime: the job reports what is wrong when it runs
+    from app.bundle.manifest import load_bundle
+
+    try:
+        check_count_and_strength(load_bundle(bundle_dir, verify=False), images, strength)
+    except EdgegenError as e:
+        raise _Bad(node, "These input images cannot be used with this bundle", str(e)) from None
 
 
 def _references(graph, node, input_dir: Path) -> list[Path]:

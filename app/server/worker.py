@@ -10,8 +10,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from app.errors import EdgegenError, GenerationCancelled
 from app.server.config import ServerConfig
@@ -169,7 +169,7 @@ class Worker(threading.Thread):
                 continue
             if cancel.is_set():
                 raise GenerationCancelled("interrupted")
-            extra = {"images": [Path(r) for r in task.references]} if task.references else {}
+            extra = {"images": tuple(task.references)} if task.references else {}
             req = GenerationRequest(**fields, **extra)
 
             def on_step(step: int, total: int, idx=idx) -> None:

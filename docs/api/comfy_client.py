@@ -50,7 +50,7 @@ def main():
     if not entry["status"]["completed"]:
         raise SystemExit(f"failed: {entry['status']['messages'][-1]}")
     os.makedirs(args.out, exist_ok=True)
-    for node_id, output in entry["outputs"].items():
+    for output in entry["outputs"].values():
         for image in output.get("images", []):
             path = os.path.join(args.out, image["filename"])
             with open(path, "wb") as f:
