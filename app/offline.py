@@ -140,6 +140,24 @@ def enforce_offline(log: Callable[[str], None] | None = None) -> GuardStatus:
 # --- deciding what is local -------------------------------------------------------------------------
 
 _LOCAL_NAMES = frozenset({"localhost"})
+_LISTEN_ALLOWED: set[str] = set()  # addresses an operator chose for `edgegen serve --host`; listening only
+
+
+def allow_listening_on(host: str) -> None:
+    """Let this process accept connections on `host` (an IP literal the operator passed to `serve --host`).
+
+    Only `bind` is allowed there: outgoing connections, sends and name lookups stay refused everywhere but
+    loopback. Names are refused (they would need a resolver, which may ask a DNS server)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise NetworkBlockedError(f"edgegen listens only on IP addresses, not '{host}'; pass --host as an IP "
+                                  "address such as 0.0.0.0 or 192.168.1.20") from None
+    _LISTEN_ALLOWED.add(host)
+
+
+def _bind_allowed(address: object) -> bool:
+    return isinstance(address, tuple) and len(address) >= 2 and address[0] in _LISTEN_ALLOWED
 
 
 def _is_loopback_host(host: object) -> bool:
@@ -191,6 +209,8 @@ def _refusal(event: str, args: tuple) -> tuple[str, str] | None:
     """(what was attempted, target) for a refused event, or None to allow it."""
     if event in ("socket.connect", "socket.sendto", "socket.bind"):
         sock, address = args
+        if event == "socket.bind" and _bind_allowed(address):
+            return None
         target = _sockaddr_refusal(sock.family, address)
         verb = {"socket.connect": "connect to", "socket.sendto": "send to", "socket.bind": "listen on"}[event]
         return (verb, target) if target else None
@@ -342,7 +362,8 @@ def _patch_socket_methods() -> None:
         return sendmsg(self, buffers, ancdata, flags)
 
     def guarded_bind(self, address):
-        precheck(self, "listen on", address)
+        if not _bind_allowed(address):
+            precheck(self, "listen on", address)
         return bind(self, address)
 
     wrappers = {"connect": guarded_connect, "connect_ex": guarded_connect_ex, "sendto": guarded_sendto,

@@ -261,3 +261,23 @@ def test_set_offline_env_forces_switches_and_drops_proxies(monkeypatch):
 def test_refusal_is_not_an_oserror():
     # Libraries treat OSError as "offline, fall back"; a refusal must surface instead.
     assert not issubclass(NetworkBlockedError, OSError)
+
+
+def test_listening_on_an_operator_chosen_address_allows_bind_only(monkeypatch):
+    """`serve --host 0.0.0.0 --token-file F`: the guard lets the server listen there, never connect out."""
+    import socket
+
+    from app import offline
+    from app.errors import NetworkBlockedError
+
+    monkeypatch.setattr(offline, "_LISTEN_ALLOWED", set())
+    offline.install_guard()
+    with socket.socket() as s, pytest.raises(NetworkBlockedError):
+        s.bind(("0.0.0.0", 0))
+    offline.allow_listening_on("0.0.0.0")
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))  # allowed now
+    with socket.socket() as s, pytest.raises(NetworkBlockedError):
+        s.connect(("192.0.2.1", 80))  # still no way out
+    with pytest.raises(NetworkBlockedError, match="IP addresses"):
+        offline.allow_listening_on("example.com")

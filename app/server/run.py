@@ -26,6 +26,10 @@ class Server:
         if self.config.require_token and not self.config.token:
             raise UsageError(f"binding to {self.config.host} (not loopback) needs a token: pass --token-file FILE "
                              "holding a long random secret, or bind to 127.0.0.1")
+        if not is_loopback(self.config.host):
+            from app import offline
+
+            offline.allow_listening_on(self.config.host)  # inbound only; outgoing stays refused
         self.port: int | None = None
         self.requeued: list[str] = []
         self.failed: list[str] = []
