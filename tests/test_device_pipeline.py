@@ -173,3 +173,89 @@ def test_a_failed_engine_run_is_one_sentence(bundles):
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(GpuRunFailed, match="edgegen doctor") as err:
         pipe.generate(job.req)
     assert "\n" not in str(err.value) and "encoding the prompt failed on cuda:0" in str(err.value)
+
+
+# ---------------------------------------------------------------- images as input (VAE encoder) on the device
+
+IMAGE_CASES = [  # family, CFG on?, reference sizes (Klein) / init image size (SD3), output size or None
+    ("klein", False, [(96, 64), (64, 80)], None),
+    ("klein", True, [(64, 64), (80, 68), (72, 72)], (48, 80)),
+    ("sd3", True, [(90, 70)], (40, 72)),
+]
+
+
+@pytest.fixture
+def image_bundles(klein_encoder_bundle, sd3_encoder_bundle):
+    return {"klein": klein_encoder_bundle, "sd3": sd3_encoder_bundle}
+
+
+def _image_request(tmp_path, family, cfg, sizes, out) -> GenerationRequest:
+    from tests.test_references import make_image
+
+    paths = tuple(str(make_image(tmp_path / f"in{i}.png", w, h, seed=i)) for i, (w, h) in enumerate(sizes))
+    size = dict(width=out[0], height=out[1]) if out else {}
+    return GenerationRequest(prompt="a red circle", seed=5, steps=3, guidance=(4.0 if cfg else 1.0), images=paths,
+                             strength=0.5 if family == "sd3" else None, **size)
+
+
+@pytest.mark.parametrize("family,cfg,sizes,out", IMAGE_CASES)
+def test_images_are_encoded_on_the_device(image_bundles, tmp_path, family, cfg, sizes, out):
+    bundle = _bundle(image_bundles[family], distilled=(not cfg) if family == "klein" else None)
+    backend = StandInEngineBackend(bundle)
+    pipe = make_pipeline(bundle, backend)
+    image, job = _run_fake(pipe, _image_request(tmp_path, family, cfg, sizes, out))
+    assert isinstance(image, FakeTensor) and image.device == FAKE_CUDA
+    w, h = out or (sizes[0][0] // 4 * 4, sizes[0][1] // 4 * 4)  # Klein: the first reference's size
+    assert tuple(image.shape) == (1, 3, h, w)
+    ctx = backend.contexts
+    assert ctx["vae_encoder"].executions == len(sizes)  # once per image, not per step
+    assert ctx["transformer"].executions == len(job.timesteps)
+    seq = ctx["transformer"].shapes["hidden_states"]
+    if family == "klein":  # the noisy tokens, then every reference's tokens, in one batch (CFG doubles it)
+        refs = sum((rw // 4 * 4 // 4) * (rh // 4 * 4 // 4) for rw, rh in sizes)
+        assert seq[:2] == ((2 if cfg else 1), (h // 4) * (w // 4) + refs)
+        assert ctx["transformer"].shapes["img_ids"][1] == seq[1]
+    else:  # strength 0.5 of 3 steps keeps the last 2 (diffusers: t_start = int(3 - 1.5))
+        assert len(job.timesteps) == 2 and ctx["vae_encoder"].shapes["noise"] == (1, 16, h // 2, w // 2)
+
+
+@pytest.mark.parametrize("family,cfg,sizes,out", IMAGE_CASES[::2])
+def test_removing_any_host_to_device_move_fails_with_images(image_bundles, tmp_path, family, cfg, sizes, out,
+                                                            monkeypatch):
+    """The mutation check with images: each reference / init image and the posterior noise must be moved."""
+    bundle = _bundle(image_bundles[family], distilled=(not cfg) if family == "klein" else None)
+    req = _image_request(tmp_path, family, cfg, sizes, out)
+    calls = []
+    original = Pipeline.to_device
+
+    def counting(self, t):
+        calls.append(tuple(t.shape))
+        return original(self, t)
+
+    monkeypatch.setattr(Pipeline, "to_device", counting)
+    _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
+    assert sum(len(s) == 4 and s[1] == 3 for s in calls) == len(sizes)  # every image moved once
+    for skip in range(len(calls)):
+        seen = []
+
+        def skipping(self, t, skip=skip):
+            seen.append(t)
+            return t if len(seen) - 1 == skip else original(self, t)
+
+        monkeypatch.setattr(Pipeline, "to_device", skipping)
+        with pytest.raises(Exception) as err:
+            _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
+        assert "cuda" in str(err.value).lower() or "device" in str(err.value).lower(), (skip, err.value)
+
+
+def test_low_vram_releases_the_encoder_before_denoise(image_bundles, tmp_path):
+    bundle = _bundle(image_bundles["sd3"])
+    backend = StandInEngineBackend(bundle)
+    pipe = make_pipeline(bundle, backend, low_vram=True)
+    order = []
+    run, release = backend.run, backend.release
+    backend.run = lambda c, i: (order.append(("run", c)), run(c, i))[1]
+    backend.release = lambda c: (order.append(("release", c)), release(c))[1]
+    _run_fake(pipe, _image_request(tmp_path, "sd3", True, [(90, 70)], (40, 40)))
+    assert order.index(("run", "vae_encoder")) < order.index(("release", "vae_encoder")) \
+        < order.index(("run", "transformer"))
