@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QRegularExpressionValidator
@@ -24,6 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.ui.collapsible import Collapsible
+from app.ui.references import ReferenceStrip
 from app.ui.sizes import presets, size_error
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -42,6 +45,8 @@ class FormValues:
     height: int
     count: int
     backend: str
+    images: tuple[str, ...] = ()  # Klein references / SD3.5 init image, in order
+    strength: float | None = None  # SD3.5 image-to-image only
 
 
 class GenerationForm(QWidget):
@@ -53,6 +58,7 @@ class GenerationForm(QWidget):
         self.defaults = {"steps": 4, "guidance": 1.0, "width": 1024, "height": 1024}
         self._presets: dict[str, tuple[int, int]] = {}
         self.last_seed: int | None = None
+        self.pipeline: dict = {}  # the bundle's manifest "pipeline" section (reference sizes)
 
         self.prompt = QPlainTextEdit(objectName="prompt", placeholderText="Describe the image…")
         self.prompt.setTabChangesFocus(True)
@@ -64,6 +70,7 @@ class GenerationForm(QWidget):
         self.prompt.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
         self.negative.setMaximumHeight(lines * 4)
         self.negative_label = QLabel("Negative prompt")
+        self.references = ReferenceStrip()
 
         self.random_seed = QCheckBox("Random", checked=True, objectName="randomSeed")
         self.seed = QLineEdit(objectName="seed", placeholderText="seed")
@@ -124,6 +131,7 @@ class GenerationForm(QWidget):
         lay.addWidget(self.prompt, 1)
         lay.addWidget(self.negative_label)
         lay.addWidget(self.negative)
+        lay.addWidget(self.references)
         lay.addLayout(form)
         lay.addWidget(self.advanced)
         lay.addWidget(self.error)
@@ -132,6 +140,8 @@ class GenerationForm(QWidget):
         self.reuse_seed.clicked.connect(self.use_last_seed)
         self.size_preset.currentTextChanged.connect(self._preset_chosen)
         self.reset_defaults.clicked.connect(self.apply_defaults)
+        self.references.changed.connect(self._references_changed)
+        self._first_reference: str | None = None
         for sig in (self.prompt.textChanged, self.negative.textChanged, self.random_seed.toggled,
                     self.seed.textChanged, self.steps.valueChanged, self.guidance.valueChanged,
                     self.width_box.valueChanged, self.height_box.valueChanged, self.count.valueChanged,
@@ -139,9 +149,13 @@ class GenerationForm(QWidget):
             sig.connect(self._changed)
 
     # ----- model ----------------------------------------------------------------------------------
-    def set_model(self, defaults: dict, size_range: dict, uses_negative_prompt: bool) -> None:
-        """Adopt a bundle's defaults and size range; the negative prompt shows only where the family uses it."""
+    def set_model(self, defaults: dict, size_range: dict, uses_negative_prompt: bool, family: str = "",
+                  pipeline: dict | None = None, encoder_hint: str | None = None) -> None:
+        """Adopt a bundle's defaults and size range; the negative prompt shows only where the family uses it;
+        the reference strip takes as many images as the bundle allows (none without its VAE encoder)."""
         self.defaults, self.size_range = dict(defaults), dict(size_range)
+        self.pipeline = dict(pipeline or {})
+        self.references.set_model(family, int(self.pipeline.get("max_images", 0)), encoder_hint)
         self._presets = presets(self.defaults, self.size_range)
         for box in (self.width_box, self.height_box):
             box.setRange(size_range["min"], size_range["max"])
@@ -198,7 +212,8 @@ class GenerationForm(QWidget):
             negative_prompt=self.negative.toPlainText().strip() if self.negative.isVisibleTo(self) else "",
             seed=seed, steps=self.steps.value(), guidance=round(self.guidance.value(), 2),
             width=self.width_box.value(), height=self.height_box.value(), count=self.count.value(),
-            backend=self.backend.currentText(),
+            backend=self.backend.currentText(), images=tuple(str(p) for p in self.references.paths()),
+            strength=self.references.strength_value(),
         )
 
     def seeds(self) -> list[int]:
@@ -216,8 +231,10 @@ class GenerationForm(QWidget):
             return f"The seed must be at most {MAX_SEED - v.count + 1}."
         return size_error(v.width, v.height, self.size_range)
 
-    def apply_meta(self, meta: dict) -> None:
-        """Reuse an image's parameters: prompt, negative prompt, seed (fixed), steps, guidance, size."""
+    def apply_meta(self, meta: dict, near: Path | None = None) -> list[str]:
+        """Reuse an image's parameters: prompt, negative prompt, seed (fixed), steps, guidance, size, and the
+        input images still on disk with the same sha256 (at their recorded path, or by name next to `near`).
+        Returns the names of input images that could not be found."""
         self.prompt.setPlainText(meta.get("prompt", ""))
         self.negative.setPlainText(meta.get("negative_prompt", ""))
         if "seed" in meta:
@@ -227,9 +244,34 @@ class GenerationForm(QWidget):
             self.steps.setValue(int(meta["steps"]))
         if "guidance" in meta:
             self.guidance.setValue(float(meta["guidance"]))
+        found, missing = find_inputs(meta.get("references") or [], near)
+        self.references.set_paths(found)
+        self._first_reference = str(found[0]) if found else None  # keep the recorded size, not the image's
+        if meta.get("strength") is not None:
+            self.references.set_strength(float(meta["strength"]))
         if "width" in meta and "height" in meta:
             self.set_size(int(meta["width"]), int(meta["height"]))
         self.count.setValue(1)
+        return missing
+
+    def _references_changed(self) -> None:
+        """A new first Klein reference sets the size, as the CLI defaults it (diffusers' preprocessing)."""
+        paths = self.references.paths()
+        first = str(paths[0]) if paths else None
+        if first != self._first_reference and first is not None and self.references.family == "flux2-klein":
+            from PIL import Image, ImageOps
+
+            from app.runtime.references import reference_size
+
+            try:
+                with Image.open(first) as im:
+                    w, h = reference_size(ImageOps.exif_transpose(im).size, self.pipeline)
+            except (OSError, ValueError, KeyError):
+                w = h = 0
+            if self.size_range["min"] <= min(w, h) and max(w, h) <= self.size_range["max"]:
+                self.set_size(w, h)
+        self._first_reference = first
+        self._changed()
 
     def _changed(self, *_) -> None:
         # Only a size problem is worth shouting about while typing; an empty prompt is obvious.
@@ -239,3 +281,26 @@ class GenerationForm(QWidget):
         self.error.setVisible(bool(msg))
         self.changed.emit()
 
+
+def find_inputs(records: list[dict], near: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Input images recorded in an image's metadata that are still on disk unchanged (same sha256): at the
+    recorded path, else by file name next to `near` (the image's folder). Returns (found paths, missing names)."""
+    found, missing = [], []
+    for r in records:
+        candidates = [Path(r["path"])] if r.get("path") else []
+        if near is not None and r.get("name"):
+            candidates.append(Path(near) / r["name"])
+        hit = next((c for c in candidates if c.is_file() and _sha256(c) == r.get("sha256")), None)
+        if hit is None:
+            missing.append(r.get("name") or "?")
+        else:
+            found.append(hit)
+    return found, missing
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -150,6 +150,8 @@ class MainWindow(QMainWindow):
         QShortcut(QKeySequence(QKeySequence.StandardKey.Copy), self, self.result.copy_image)
 
     def _wire(self) -> None:
+        self.setAcceptDrops(True)  # edgegen PNGs restore their parameters; other images become references
+        self.form.references.problem.connect(lambda msg: self.banner.show_message(msg, error=False))
         self.generate_button.clicked.connect(self.generate)
         self.cancel_button.clicked.connect(self.cancel)
         self.picker.selected.connect(self.model_selected)
@@ -196,7 +198,11 @@ class MainWindow(QMainWindow):
             return
         self.generate_button.setEnabled(True)
         m = self.bundle.manifest
-        self.form.set_model(m["defaults"], m["size_range"], self.bundle.family.uses_negative_prompt)
+        from app.runtime.references import encoder_export_command
+
+        hint = None if "vae_encoder" in self.bundle.components() else encoder_export_command(self.bundle)
+        self.form.set_model(m["defaults"], m["size_range"], self.bundle.family.uses_negative_prompt,
+                            family=m["family"], pipeline=m["pipeline"], encoder_hint=hint)
         self.settings = self.settings.replace(last_model=str(entry.path))
         self._save_settings()
         self.backend_label.loading(entry.name)
@@ -265,7 +271,8 @@ class MainWindow(QMainWindow):
         v = self.form.values()
         jobs = [Job(bundle_dir=self.bundle.root, backend=v.backend, output_dir=self.settings.output_path,
                     request=GenerationRequest(prompt=v.prompt, negative_prompt=v.negative_prompt, seed=seed,
-                                              steps=v.steps, guidance=v.guidance, width=v.width, height=v.height))
+                                              steps=v.steps, guidance=v.guidance, width=v.width, height=v.height,
+                                              images=v.images, strength=v.strength))
                 for seed in self.form.seeds()]
         self.queue.enqueue(jobs)
         return jobs
@@ -334,9 +341,49 @@ class MainWindow(QMainWindow):
         if bundle_dir is not None and (bundle_dir / "manifest.json").is_file() and (
                 self.bundle is None or bundle_dir != self.bundle.root):
             self.reload_models(select=bundle_dir, extra=[bundle_dir])
-        self.form.apply_meta(entry.meta)
+        missing = self.form.apply_meta(entry.meta, near=Path(entry.path).parent)
+        self._say_missing(missing)
         self.tabs.setCurrentWidget(self.result)
         self.form.prompt.setFocus()
+
+    def _say_missing(self, missing: list[str]) -> None:
+        if missing:
+            self.banner.show_message(f"Input image{'s' if len(missing) > 1 else ''} no longer on disk (or "
+                                     f"changed): {', '.join(missing)}. Add {'them' if len(missing) > 1 else 'it'} "
+                                     "again to reproduce the image.", error=False)
+
+    # ----- drag and drop ----------------------------------------------------------------------------
+    def restore_from_png(self, path: Path) -> bool:
+        """An image edgegen made: its model (if still here) and parameters, including input images on disk.
+        False when the file carries no edgegen metadata."""
+        from app.runtime.images import read_metadata
+
+        try:
+            meta = read_metadata(path)
+        except (OSError, KeyError, ValueError, SyntaxError):
+            return False
+        if not isinstance(meta, dict) or "prompt" not in meta:
+            return False
+        from app.ui.history import Entry
+
+        self.reuse_entry(Entry(id=-1, path=Path(path), created=0.0, meta=meta, thumbnail=None))
+        self.statusBar().showMessage(f"Parameters restored from {Path(path).name}", 10_000)
+        return True
+
+    def dragEnterEvent(self, event) -> None:
+        from app.ui.references import dropped_files
+
+        if dropped_files(event.mimeData()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        """An edgegen PNG restores its parameters; any other image becomes a reference / init image."""
+        from app.ui.references import dropped_files
+
+        for f in dropped_files(event.mimeData()):
+            if not self.restore_from_png(f) and not self.form.references.add(f):
+                break
+        event.acceptProposedAction()
 
     def _import_orphans(self) -> None:
         try:

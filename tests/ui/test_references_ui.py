@@ -1,0 +1,154 @@
+"""The real window with images as input: the reference strip, SD3.5's strength slider, drops, gallery reuse, and
+the images the app makes against diffusers' own pipelines (FP32, same seed)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtGui import QDropEvent
+
+from app.runtime.images import psnr, read_metadata
+from tests.test_references import klein_reference, make_image, sd3_img2img_reference
+from tests.ui._paths import make_paths
+from tests.ui.conftest import delete_now
+
+IMAGE_MS = 240_000
+
+
+@pytest.fixture(scope="module")
+def rwindow(qapp, tmp_path_factory, klein_encoder_bundle):
+    from app.planning.devices import FakeGpuReader
+    from app.runtime.audit import AuditLog
+    from app.ui.window import MainWindow
+
+    root = tmp_path_factory.mktemp("app-refs")
+    w = MainWindow(paths=make_paths(root), bundle=klein_encoder_bundle, reader=FakeGpuReader([]),
+                   monitor_interval_ms=100, audit=AuditLog(root / "audit.jsonl"), preload=False)
+    w.show()
+    yield w
+    w.close()
+    delete_now(w)
+
+
+def _drop(widget, *paths: Path) -> None:
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
+    event = QDropEvent(QPointF(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                       Qt.KeyboardModifier.NoModifier)
+    widget.dropEvent(event)
+
+
+def _select(window, bundle: Path) -> None:
+    window.reload_models(select=bundle, extra=[bundle])
+    assert window.bundle is not None and window.bundle.root == Path(bundle).resolve()
+
+
+def test_reference_strip_add_reorder_remove_and_size(rwindow, tmp_path):
+    strip = rwindow.form.references
+    assert strip.max_images == 4 and not strip.strength_row.isVisibleTo(rwindow)  # Klein: no strength
+    a = make_image(tmp_path / "a.png", 96, 64, seed=1)
+    b = make_image(tmp_path / "b.png", 64, 80, seed=2)
+    (tmp_path / "n.png").write_text("not an image")
+    strip.clear()
+    assert strip.add(a) and strip.add(b)
+    assert not strip.add(tmp_path / "n.png")
+    assert [p.name for p in strip.paths()] == ["a.png", "b.png"] and strip.list.count() == 2
+    assert not strip.list.item(0).icon().isNull()  # a thumbnail
+    v = rwindow.form.values()
+    assert (v.width, v.height) == (96, 64)  # the first reference sets the size, as the CLI does
+    strip.list.setCurrentRow(1)
+    strip.move_selected(-1)
+    assert [p.name for p in strip.paths()] == ["b.png", "a.png"]
+    assert (rwindow.form.values().width, rwindow.form.values().height) == (64, 80)
+    strip.list.setCurrentRow(0)
+    strip.remove_selected()
+    assert [p.name for p in strip.paths()] == ["a.png"]
+    for i in range(4):
+        strip.add(make_image(tmp_path / f"x{i}.png", 64, 64, seed=i))
+    assert strip.list.count() == 4 and not strip.add_button.isEnabled()  # the bundle's limit
+    strip.clear()
+
+
+def test_generate_with_references_matches_diffusers_and_reuse_restores_them(rwindow, qtbot, tmp_path,
+                                                                           klein_model):
+    refs = [make_image(tmp_path / "r0.png", 80, 64, seed=3), make_image(tmp_path / "r1.png", 64, 96, seed=4)]
+    form = rwindow.form
+    form.references.set_paths(refs)
+    form.prompt.setPlainText("a red circle on a blue background")
+    form.random_seed.setChecked(False)
+    form.seed.setText("7")
+    form.steps.setValue(4)
+    with qtbot.waitSignal(rwindow.image_saved, timeout=IMAGE_MS) as saved:
+        rwindow.generate()
+    entry = rwindow.history.get(saved.args[0])
+    meta = read_metadata(entry.path)
+    assert [r["name"] for r in meta["references"]] == ["r0.png", "r1.png"] and (meta["width"], meta["height"]) == (80, 64)
+    assert [r["name"] for r in entry.meta["references"]] == ["r0.png", "r1.png"]  # the gallery keeps them
+    ours = np.asarray(Image.open(entry.path).convert("RGB"))
+    ref = klein_reference(klein_model, refs, "a red circle on a blue background", 7, width=80, height=64)
+    assert psnr(ours, ref) >= 60
+
+    form.references.clear()
+    form.prompt.setPlainText("something else")
+    rwindow.reuse_entry(entry)
+    assert form.prompt.toPlainText() == "a red circle on a blue background"
+    assert form.references.paths() == [p.absolute() for p in refs]
+
+    # a reference that changed on disk is not silently swapped in: the banner names it
+    make_image(refs[1], 64, 96, seed=99)
+    rwindow.reuse_entry(entry)
+    assert [p.name for p in form.references.paths()] == ["r0.png"]
+    assert "r1.png" in rwindow.banner.text()
+
+    # dropping the PNG on the window restores its parameters; a plain image dropped becomes a reference
+    make_image(refs[1], 64, 96, seed=4)  # the original bytes again
+    copy = shutil.copy(entry.path, tmp_path / "made-by-edgegen.png")
+    form.references.clear()
+    form.prompt.setPlainText("")
+    _drop(rwindow, Path(copy))
+    assert form.prompt.toPlainText() == "a red circle on a blue background" and form.seed.text() == "7"
+    assert [p.name for p in form.references.paths()] == ["r0.png", "r1.png"]
+    extra = make_image(tmp_path / "plain.png", 64, 64, seed=8)
+    _drop(rwindow, extra)
+    assert [p.name for p in form.references.paths()] == ["r0.png", "r1.png", "plain.png"]
+    form.references.clear()
+
+
+def test_sd3_strength_slider_and_image_to_image_match_diffusers(rwindow, qtbot, tmp_path, sd3_model,
+                                                                sd3_encoder_bundle, sd3_bundle):
+    _select(rwindow, sd3_bundle)  # exported without the encoder: the strip says how to fix it
+    strip = rwindow.form.references
+    assert strip.max_images == 0 and "--with-encoder" in strip.hint.text() and not strip.add_button.isEnabled()
+    assert not strip.add(make_image(tmp_path / "i.png", 64, 64, seed=1))
+
+    _select(rwindow, sd3_encoder_bundle)
+    assert strip.max_images == 1 and strip.strength_row.isVisibleTo(rwindow)
+    init = make_image(tmp_path / "init.png", 90, 70, seed=5)
+    _drop(strip, init)
+    strip.set_strength(0.6)
+    form = rwindow.form
+    assert form.values().strength == 0.6 and form.values().images == (str(init.absolute()),)
+    form.set_size(80, 64)
+    form.prompt.setPlainText("a watercolor painting of a harbour at dawn")
+    form.negative.setPlainText("blurry")
+    form.random_seed.setChecked(False)
+    form.seed.setText("11")
+    form.steps.setValue(5)
+    form.guidance.setValue(4.5)
+    with qtbot.waitSignal(rwindow.image_saved, timeout=IMAGE_MS) as saved:
+        rwindow.generate()
+    entry = rwindow.history.get(saved.args[0])
+    assert entry.meta["strength"] == 0.6 and entry.meta["references"][0]["name"] == "init.png"
+    ours = np.asarray(Image.open(entry.path).convert("RGB"))
+    ref = sd3_img2img_reference(sd3_model, init, "a watercolor painting of a harbour at dawn", 11, 0.6, 5, 4.5,
+                                80, 64, "blurry")
+    assert psnr(ours, ref) >= 60
+    strip.set_strength(0.3)
+    rwindow.reuse_entry(entry)
+    assert strip.strength.value() == 60 and strip.paths() == [init.absolute()]
+    strip.clear()
