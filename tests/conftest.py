@@ -83,3 +83,17 @@ def sd3_encoder_bundle(sd3_model, tmp_path_factory) -> Path:
     """An SD3 bundle exported with --with-encoder (image-to-image)."""
     return _dev_copy("sd3-encoder") or export_via_cli(
         sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-encoder", "--with-encoder")
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The shipped demo model exported exactly as `make demo` does (its own size range, FP32 ONNX), once per
+    session for every test that needs it, in a folder named "demo" (the server's ckpt_name)."""
+    from app.cli import main
+
+    if dev := _dev_copy("demo"):
+        return dev
+    out = tmp_path_factory.mktemp("demo-bundle") / "demo"
+    assert main(["export", "--model", str(Path(__file__).resolve().parents[1] / "assets" / "demo-model"),
+                 "--out", str(out)]) == 0
+    return out

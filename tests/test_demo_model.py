@@ -134,16 +134,6 @@ def test_text_encoder_parses_every_caption():
 
 
 @pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory) -> Path:
-    """The shipped demo model exported exactly as `make demo` does (its own size range, FP32 ONNX)."""
-    from app.cli import main
-
-    out = tmp_path_factory.mktemp("demo") / "bundle"
-    assert main(["export", "--model", str(MODEL), "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def reference_scores():
     from tools.demo.evaluate import generate
 

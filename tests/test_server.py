@@ -15,20 +15,20 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from test_server_helpers import DOCS, PROMPT, demo_bundle, start_server, t2i_graph, wait_history  # noqa: F401
+from test_server_helpers import DOCS, PROMPT, start_server, t2i_graph, wait_history
 
 pytest.importorskip("aiohttp")
 
 
 @pytest.fixture(scope="module")
-def server(demo_bundle, tmp_path_factory):  # noqa: F811
+def server(demo_bundle, tmp_path_factory):
     s = start_server(tmp_path_factory.mktemp("server"), demo_bundle)
     yield s
     s.close()
 
 
 @pytest.fixture(scope="module")
-def cli_png(demo_bundle, tmp_path_factory) -> Path:  # noqa: F811
+def cli_png(demo_bundle, tmp_path_factory) -> Path:
     """`edgegen generate` with the parameters of docs/api/text_to_image.json."""
     from app.cli import main
 
@@ -244,7 +244,7 @@ def test_view_and_upload_refuse_paths_outside_their_folder(server, tmp_path):
     assert r.status_code == 400 and "not an image" in r.json()["error"]["message"]
 
 
-def test_oversized_bodies_get_413(demo_bundle, tmp_path):  # noqa: F811
+def test_oversized_bodies_get_413(demo_bundle, tmp_path):
     with start_server(tmp_path, demo_bundle, max_body_bytes=4096, max_upload_bytes=64 * 1024) as s:
         big = {"prompt": t2i_graph(prompt="x" * 8000)}
         r = requests.post(f"{s.url}/prompt", json=big, timeout=30)
@@ -257,7 +257,7 @@ def test_oversized_bodies_get_413(demo_bundle, tmp_path):  # noqa: F811
         assert requests.post(f"{s.url}/prompt", json={"prompt": t2i_graph()}, timeout=30).status_code == 200
 
 
-def test_token_required_beyond_loopback(demo_bundle, tmp_path):  # noqa: F811
+def test_token_required_beyond_loopback(demo_bundle, tmp_path):
     """A server configured as for a non-loopback address (require_token) refuses requests without the token."""
     import aiohttp
     from test_server_helpers import server_config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_server_helpers import DOCS, demo_bundle, server_config, start_server  # noqa: F401
+from test_server_helpers import DOCS, server_config, start_server
 
 pytest.importorskip("aiohttp")
 
@@ -18,7 +18,7 @@ def _results(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_catalogue_runs_in_process_then_resumes_against_a_server(demo_bundle, tmp_path):  # noqa: F811
+def test_catalogue_runs_in_process_then_resumes_against_a_server(demo_bundle, tmp_path):
     from app.errors import UsageError
     from app.server.batch import run_batch
 
@@ -75,7 +75,7 @@ def test_batch_rows_fill_placeholders_and_node_inputs():
     assert brand["1"]["inputs"]["images"] == ["style.png"] and brand["1"]["inputs"]["width"] == 1024
 
 
-def test_failed_rows_are_reported_and_exit_1(demo_bundle, tmp_path, capsys):  # noqa: F811
+def test_failed_rows_are_reported_and_exit_1(demo_bundle, tmp_path, capsys):
     from app.cli import main
 
     rows = tmp_path / "rows.csv"

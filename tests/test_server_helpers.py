@@ -6,27 +6,11 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "assets" / "demo-model"
 DOCS = ROOT / "docs" / "api"
 PROMPT = "a red circle on a blue background"
-_CACHE: dict[str, Path] = {}  # one export per session, whichever server test module asks first
-
-
-@pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory) -> Path:
-    """The shipped demo model exported as `make demo` does, under a folder named "demo" (its ckpt_name)."""
-    if "demo" not in _CACHE:
-        from app.cli import main
-
-        out = tmp_path_factory.mktemp("server-bundles") / "demo"
-        assert main(["export", "--model", str(DEMO_MODEL), "--out", str(out)]) == 0
-        _CACHE["demo"] = out
-    return _CACHE["demo"]
-
-
 def server_config(tmp: Path, bundle: Path, **kw):
     from app.server.config import ServerConfig
 

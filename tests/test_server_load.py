@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import requests
 from PIL import Image
-from test_server_helpers import ROOT, demo_bundle, rss_bytes, start_server, t2i_graph, wait_history  # noqa: F401
+from test_server_helpers import ROOT, rss_bytes, start_server, t2i_graph, wait_history
 
 pytest.importorskip("aiohttp")
 
 
-def test_200_jobs_from_8_clients_complete_once_with_flat_memory(demo_bundle, tmp_path):  # noqa: F811
+def test_200_jobs_from_8_clients_complete_once_with_flat_memory(demo_bundle, tmp_path):
     clients, per_client = 8, 25
     rss: dict[str, int | None] = {}
     done = []
@@ -91,7 +91,7 @@ def _spawn(tmp: Path, bundle: Path) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"server did not start (exit {proc.wait()})")
 
 
-def test_killed_server_restarts_and_every_job_completes_or_fails(demo_bundle, tmp_path):  # noqa: F811
+def test_killed_server_restarts_and_every_job_completes_or_fails(demo_bundle, tmp_path):
     proc, url = _spawn(tmp_path, demo_bundle)
     try:
         ids = []
