@@ -176,7 +176,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
         from export.calibrate import read_prompts
 
         prompts = read_prompts(opts.calibration_prompts)  # fail on a bad file before hours of export
-    defaults, size_range = _defaults_and_range(folder, opts, own, dims, progress)
+    notes: list[str] = []  # said once every check has passed, so a refusal stays the only line
+    defaults, size_range = _defaults_and_range(folder, opts, own, dims, notes.append)
     preflight.check_calibration_size(opts.calibration_size, size_range, dims)
     if opts.loras:
         check_loras(folder.path / fam.component("transformer").source, folder.index["_class_name"], opts.loras)
@@ -190,6 +191,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
                          progress)
     preflight.check_memory(preflight.memory_estimate(folder, opts.precision, fp8_encoders), progress,
                            opts.skip_memory_check)
+    for note in notes:
+        progress(note)
     progress(f"[preflight] passed in {time.monotonic() - t0:.1f}s")
     components: dict[str, dict] = {}
     lora_records: list[dict] = []

@@ -20,7 +20,8 @@ def run(capsys, *argv) -> tuple[int, str]:
 
 def assert_one_line(rc: int, err: str, *needles: str) -> None:
     assert rc == 2, err
-    lines = [l for l in err.splitlines() if not l.startswith(("signature:", "backend:", "warning:"))]
+    # progress lines ([preflight] ..., [component] ...) and the generate header may precede the one error line
+    lines = [l for l in err.splitlines() if not l.startswith(("signature:", "backend:", "warning:", "["))]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     for n in needles:
