@@ -179,3 +179,30 @@ def test_selftest_exports_its_bundle_once_into_the_cache(tiny_refs, klein_bundle
     assert len(calls) == 1 and calls[0].target == "onnx" and calls[0].model == model
     b2, how2, _ = demo_bundle(model, None, env, _selftest_export)
     assert len(calls) == 1 and "cached" in how2 and b2.root == b.root
+
+
+def test_selftest_covers_the_reference_image_case(tiny_refs, klein_encoder_bundle, tmp_path, capsys):
+    """The shipped index has a reference-image case (VAE encoder); a bundle without the encoder says it was not run."""
+    model, refs = tiny_refs
+    index = json.loads((refs / "index.json").read_text())
+    assert any(r.get("images") for r in index)  # written by tools.demo.references (IMAGE_REFERENCES)
+    klein_bundle = klein_encoder_bundle
+    rc = main(["selftest", "--model", str(model), "--references", str(refs), "--bundle", str(klein_bundle)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.out
+    assert "references ref-0.png" in captured.err and "no VAE encoder" not in captured.out
+    shipped = json.loads((Path(__file__).parents[1] / "assets" / "demo-references" / "index.json").read_text())
+    assert any(r.get("images") for r in shipped)
+    # the same bundle without its encoder (manifest and files edited consistently; unsigned test bundle)
+    plain = tmp_path / "no-encoder"
+    shutil.copytree(klein_bundle, plain)
+    m = json.loads((plain / "manifest.json").read_text())
+    if "vae_encoder" in m["components"]:
+        del m["components"]["vae_encoder"]
+        m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("vae_encoder/")}
+        shutil.rmtree(plain / "vae_encoder")
+        (plain / "manifest.json").write_text(json.dumps(m, indent=2))
+    rc = main(["selftest", "--model", str(model), "--references", str(refs), "--bundle", str(plain)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "not run: the bundle has no VAE encoder" in " ".join(out.split()) and "--with-encoder" in out

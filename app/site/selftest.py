@@ -80,14 +80,21 @@ def run_candidate(bundle: Bundle, cand: Candidate, refs: list[dict], ref_dir: Pa
 
     t0 = time.monotonic()
     worst, backend, meter, clock = None, None, None, None
+    skipped: list[str] = []
     try:
         backend = cand.make()
         pipe = make_pipeline(bundle, backend)
         meter, clock = DeviceMeter(pipe.device).__enter__(), StepClock(pipe.device)
         for i, r in enumerate(refs, 1):
-            say(f"[{cand.label}] {i}/{len(refs)}: {r['prompt']} (seed {r['seed']})")
+            images = tuple(str(ref_dir / f) for f in r.get("images", ()))  # reference-image (VAE encoder) cases
+            if images and "vae_encoder" not in bundle.components():
+                skipped.append(r["file"])
+                continue
+            say(f"[{cand.label}] {i}/{len(refs)}: {r['prompt']} (seed {r['seed']}"
+                f"{', references ' + ', '.join(r['images']) if images else ''})")
             req = GenerationRequest(prompt=r["prompt"], seed=int(r["seed"]), steps=int(r["steps"]),
-                                    guidance=float(r["guidance"]), width=int(r["width"]), height=int(r["height"]))
+                                    guidance=float(r["guidance"]), width=int(r["width"]), height=int(r["height"]),
+                                    images=images)
             got = pipe.generate(req, on_step=clock).image
             with Image.open(ref_dir / r["file"]) as im:
                 want = np.asarray(im.convert("RGB"))
@@ -119,6 +126,12 @@ def run_candidate(bundle: Bundle, cand: Candidate, refs: list[dict], ref_dir: Pa
         gc.collect()
     ok = worst is not None and worst >= cand.threshold_db
     detail = "" if ok else f"worst image {worst:.1f} dB, below {cand.threshold_db:.0f} dB"
+    if skipped:  # a bundle exported before the encoder existed, or with --no-encoder: say what was not covered
+        from app.runtime.references import encoder_export_command
+
+        detail = (f"{detail}; " if detail else "") + (
+            f"reference-image case {', '.join(skipped)} not run: the bundle has no VAE encoder "
+            f"(re-export: {encoder_export_command(bundle)})")
     return Outcome(cand.name, cand.label, ok, worst, cand.threshold_db, time.monotonic() - t0, detail,
                    meter.cost if meter else None)
 

@@ -13,6 +13,11 @@ REFERENCES = [
     ("a blue circle at the bottom of an orange background", 3),
     ("black square, yellow background, right", 4),
 ]
+# Reference-image cases (FLUX.2 Klein image=...): prompt, seed, input files (already in the folder). They prove
+# the VAE-encoder path reproduces diffusers; the demo model was not trained to edit, so this is not a quality test.
+IMAGE_REFERENCES = [
+    ("a yellow square on a purple background, on the left", 5, ["ref-0.png"]),
+]
 
 
 def write(model: Path, out: Path) -> list[dict]:
@@ -27,8 +32,29 @@ def write(model: Path, out: Path) -> list[dict]:
         image.save(out / name)
         index.append({"prompt": prompt, "seed": REFERENCES[i][1], "steps": d["steps"], "guidance": d["guidance"],
                       "width": d["width"], "height": d["height"], "file": name})
+    index += write_image_cases(model, out, d, first=len(index))
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
+
+
+def write_image_cases(model: Path, out: Path, d: dict, first: int) -> list[dict]:
+    """IMAGE_REFERENCES drawn by Flux2KleinPipeline(image=[...]) with the inputs read as diffusers' load_image."""
+    import torch
+    from diffusers import Flux2KleinPipeline
+    from diffusers.utils import load_image
+
+    pipe = Flux2KleinPipeline.from_pretrained(model, local_files_only=True)
+    rows = []
+    for i, (prompt, seed, inputs) in enumerate(IMAGE_REFERENCES, first):
+        images = [load_image(str(out / f)) for f in inputs]
+        image = pipe(image=images, prompt=prompt, num_inference_steps=d["steps"], guidance_scale=d["guidance"],
+                     width=d["width"], height=d["height"],
+                     generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        name = f"ref-{i}.png"
+        image.save(out / name)
+        rows.append({"prompt": prompt, "seed": seed, "steps": d["steps"], "guidance": d["guidance"],
+                     "width": d["width"], "height": d["height"], "file": name, "images": list(inputs)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
