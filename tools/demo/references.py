@@ -43,12 +43,13 @@ def write_image_cases(model: Path, out: Path, d: dict, first: int) -> list[dict]
     from diffusers import Flux2KleinPipeline
     from diffusers.utils import load_image
 
-    pipe = Flux2KleinPipeline.from_pretrained(model, local_files_only=True)
+    pipe = Flux2KleinPipeline.from_pretrained(model, local_files_only=True, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     rows = []
     for i, (prompt, seed, inputs) in enumerate(IMAGE_REFERENCES, first):
         images = [load_image(str(out / f)) for f in inputs]
         image = pipe(image=images, prompt=prompt, num_inference_steps=d["steps"], guidance_scale=d["guidance"],
-                     width=d["width"], height=d["height"],
+                     width=d["width"], height=d["height"], max_sequence_length=d.get("max_sequence_length", 512),
                      generator=torch.Generator("cpu").manual_seed(seed)).images[0]
         name = f"ref-{i}.png"
         image.save(out / name)
