@@ -193,7 +193,7 @@ def _image_request(tmp_path, family, cfg, sizes, out) -> GenerationRequest:
     from tests.test_references import make_image
 
     paths = tuple(str(make_image(tmp_path / f"in{i}.png", w, h, seed=i)) for i, (w, h) in enumerate(sizes))
-    size = dict(width=out[0], height=out[1]) if out else {}
+    size = {"width": out[0], "height": out[1]} if out else {}
     return GenerationRequest(prompt="a red circle", seed=5, steps=3, guidance=(4.0 if cfg else 1.0), images=paths,
                              strength=0.5 if family == "sd3" else None, **size)
 

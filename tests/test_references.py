@@ -183,8 +183,8 @@ def test_encoder_bundles_record_the_encoder_and_its_limits(klein_encoder_bundle,
 
 
 def test_export_encoder_defaults(klein_bundle, sd3_bundle):
-    from app.bundle.manifest import load_bundle
     from app.bundle.families import FAMILIES
+    from app.bundle.manifest import load_bundle
 
     assert FAMILIES["flux2-klein"].encoder_by_default and not FAMILIES["sd3.5"].encoder_by_default
     assert "vae_encoder" not in load_bundle(sd3_bundle, verify=False).components()  # SD3: only when asked

@@ -107,8 +107,7 @@ class SD3Pipeline(Pipeline):
         w, h = inputs[0].size
         r = self.bundle.manifest["size_range"]
         s = min(1.0, r["max"] / w, r["max"] / h)
-        fit = lambda v: max(r["min"], (int(v * s) // r["multiple"]) * r["multiple"])  # noqa: E731
-        return fit(w), fit(h)
+        return tuple(max(r["min"], (int(v * s) // r["multiple"]) * r["multiple"]) for v in (w, h))
 
     def prepare_images(self, job: Job, inputs: list) -> None:
         from diffusers.image_processor import VaeImageProcessor
