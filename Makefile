@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Two workers (the CI machine's cores); tests of one file stay on one worker, and the tiny models' exports are
+# shared between workers (tests/conftest.py: shared), so each is exported once per run.
 test: $(STAMP)
-	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 out/tiny-random-klein/model_index.json: | $(STAMP)
 	@echo "assets/demo-model is missing: using a tiny RANDOM Klein-architecture model, which draws noise"

@@ -344,7 +344,7 @@ def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress
             rec = build_engine(root / entry["onnx"], tmp, flavour=opts.target, sm=sm, profiles=profiles,
                                refit=opts.target == "tensorrt" and opts.precision in ("fp16", "bf16"),
                                progress=lambda m, n=name: progress(f"[{n}] {m}"),
-                               profile_desc=profile_desc(fam, name, manifest["size_range"]))
+                               profile_desc=profile_desc(fam, name, manifest["size_range"], manifest["pipeline"]))
             final = root / "engines" / f"{name}-{rec['key']}.engine"
             tmp.rename(final)
             rec.update(component=name, file=final.relative_to(root).as_posix())

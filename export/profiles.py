@@ -10,10 +10,10 @@ def dim_ranges(family: FamilySpec, component: str, size_range: dict, defaults: d
     scale = pipeline["vae_scale_factor"]
     lo, hi = size_range["min"], size_range["max"]
     opt_w, opt_h = defaults["width"], defaults["height"]
-    batch_max = 2 if component in family.cfg_batched else 1
-    text = family.text_lengths.get(component, 77)
-    if family.name == "flux2-klein":  # a model may pad prompts to fewer tokens (the demo model: 64)
-        text = pipeline.get("max_sequence_length", text)
+    # CFG runs [positive, negative] as one batch; a distilled Klein never runs CFG, so stays at batch 1.
+    batch_max = 2 if component in family.cfg_batched and not pipeline.get("is_distilled", False) else 1
+    # Prompt lengths as the bundle records them from the model's configs (the demo model pads to 64).
+    text = (pipeline.get("text_lengths") or family.text_lengths).get(component, 77)
     grid = {  # the grid the transformer / decoder see
         "latent_height": (lo // scale, opt_h // scale, hi // scale),
         "latent_width": (lo // scale, opt_w // scale, hi // scale),
@@ -56,6 +56,9 @@ def profiles_for(family: FamilySpec, component: str, entry: dict, size_range: di
     return [profile]
 
 
-def profile_desc(family: FamilySpec, component: str, size_range: dict) -> str:
-    b = 2 if component in family.cfg_batched else 1
-    return f"b{b}-{size_range['min']}to{size_range['max']}"
+def profile_desc(family: FamilySpec, component: str, size_range: dict, pipeline: dict | None = None) -> str:
+    """The profile part of an engine's key: batch, size range and, for the transformer, the reference limit."""
+    pipeline = pipeline or {}
+    b = 2 if component in family.cfg_batched and not pipeline.get("is_distilled", False) else 1
+    refs = pipeline.get("max_images", 0) if component == "transformer" else 0
+    return f"b{b}-{size_range['min']}to{size_range['max']}" + (f"-r{refs}" if refs else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,28 @@ def _isolated_user_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("EDGEGEN_REQUIRE_SIGNED", raising=False)
 
 
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """`make(out)` once for the whole run, in a folder every pytest-xdist worker sees (a file lock guards it):
+    the tiny models and their bundles are exported once, not once per worker."""
+    from filelock import FileLock
+
+    if dev := _dev_copy(name):
+        return dev
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's common temporary folder
+    out = root / "shared" / name
+    done = out.parent / f"{name}.done"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f"{name}.lock")):
+        if not done.exists():
+            if out.exists():  # a worker that failed half-way: start again
+                shutil.rmtree(out)
+            make(out)
+            done.touch()
+    return out
+
+
 def _dev_copy(name: str) -> Path | None:
     """EDGEGEN_DEV_BUNDLES=DIR (developers only, never CI): reuse DIR/<name> exported earlier instead of
     exporting again; stale copies are the developer's problem, so CI never sets it."""
@@ -35,18 +58,14 @@ def _dev_copy(name: str) -> Path | None:
 def klein_model(tmp_path_factory) -> Path:
     from export import synthetic
 
-    if dev := _dev_copy("klein-model"):
-        return dev
-    return synthetic.save(synthetic.build_klein(), tmp_path_factory.mktemp("models") / "tiny-klein")
+    return shared(tmp_path_factory, "klein-model", lambda out: synthetic.save(synthetic.build_klein(), out))
 
 
 @pytest.fixture(scope="session")
 def sd3_model(tmp_path_factory) -> Path:
     from export import synthetic
 
-    if dev := _dev_copy("sd3-model"):
-        return dev
-    return synthetic.save(synthetic.build_sd3(), tmp_path_factory.mktemp("models") / "tiny-sd3")
+    return shared(tmp_path_factory, "sd3-model", lambda out: synthetic.save(synthetic.build_sd3(), out))
 
 
 def export_via_cli(model: Path, out: Path, *extra: str) -> Path:
@@ -59,12 +78,12 @@ def export_via_cli(model: Path, out: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="session")
 def klein_bundle(klein_model, tmp_path_factory) -> Path:
-    return _dev_copy("klein") or export_via_cli(klein_model, tmp_path_factory.mktemp("bundles") / "klein-fp32")
+    return shared(tmp_path_factory, "klein", lambda out: export_via_cli(klein_model, out))
 
 
 @pytest.fixture(scope="session")
 def sd3_bundle(sd3_model, tmp_path_factory) -> Path:
-    return _dev_copy("sd3") or export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp32")
+    return shared(tmp_path_factory, "sd3", lambda out: export_via_cli(sd3_model, out))
 
 
 @pytest.fixture(scope="session")
@@ -74,15 +93,13 @@ def klein_encoder_bundle(klein_model, klein_bundle, tmp_path_factory) -> Path:
 
     if "vae_encoder" in load_bundle(klein_bundle, verify=False).components():
         return klein_bundle
-    return _dev_copy("klein-encoder") or export_via_cli(
-        klein_model, tmp_path_factory.mktemp("bundles") / "klein-encoder", "--with-encoder")
+    return shared(tmp_path_factory, "klein-encoder", lambda out: export_via_cli(klein_model, out, "--with-encoder"))
 
 
 @pytest.fixture(scope="session")
 def sd3_encoder_bundle(sd3_model, tmp_path_factory) -> Path:
     """An SD3 bundle exported with --with-encoder (image-to-image)."""
-    return _dev_copy("sd3-encoder") or export_via_cli(
-        sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-encoder", "--with-encoder")
+    return shared(tmp_path_factory, "sd3-encoder", lambda out: export_via_cli(sd3_model, out, "--with-encoder"))
 
 
 @pytest.fixture(scope="session")
@@ -91,9 +108,6 @@ def demo_bundle(tmp_path_factory) -> Path:
     session for every test that needs it, in a folder named "demo" (the server's ckpt_name)."""
     from app.cli import main
 
-    if dev := _dev_copy("demo"):
-        return dev
-    out = tmp_path_factory.mktemp("demo-bundle") / "demo"
-    assert main(["export", "--model", str(Path(__file__).resolve().parents[1] / "assets" / "demo-model"),
-                 "--out", str(out)]) == 0
-    return out
+    model = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+    return shared(tmp_path_factory, "demo",
+                  lambda out: main(["export", "--model", str(model), "--out", str(out)]) == 0 or pytest.fail("export"))

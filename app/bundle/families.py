@@ -136,6 +136,7 @@ FLUX2_KLEIN = FamilySpec(
     size_range=(256, 2048),
     uses_negative_prompt=False,
     text_lengths={"text_encoder": KLEIN_MAX_TOKENS, "transformer": KLEIN_MAX_TOKENS},
+    cfg_batched=("transformer",),  # the base (non-distilled) model's CFG; the runtime batches it
     defaults=_klein_defaults,
     encoder_by_default=True,
     max_images=4,  # reference images per request; the transformer's profiles cover this many

@@ -133,6 +133,16 @@ class Pipeline:
         """What diffusers' randn_tensor draws from torch.Generator("cpu").manual_seed(seed) (on the CPU)."""
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
+    def text_length(self, component: str) -> int:
+        """Tokens a text encoder is fed (the pipelines pad to it), as the bundle records it from the model's
+        configs; bundles from before that record fall back to the family's table (app/bundle/families.py)."""
+        lengths = self.bundle.manifest["pipeline"].get("text_lengths") or {}
+        if component in lengths:
+            return int(lengths[component])
+        if component == "text_encoder" and "max_sequence_length" in self.bundle.manifest["pipeline"]:
+            return int(self.bundle.manifest["pipeline"]["max_sequence_length"])
+        return int(self.bundle.family.text_lengths[component])
+
     def tokenizer(self, name: str):
         from transformers import AutoTokenizer
 

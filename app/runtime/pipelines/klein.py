@@ -10,7 +10,6 @@ import torch
 
 from app.runtime.pipelines.base import GenerationRequest, Job, Pipeline
 
-MAX_TOKENS = 512  # Flux2KleinPipeline pads every prompt to this length unless the bundle says otherwise
 
 
 def text_ids(batch: int, length: int) -> torch.Tensor:
@@ -48,7 +47,7 @@ class KleinPipeline(Pipeline):
         tok = self.tokenizer("tokenizer")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True, enable_thinking=False)
-        length = self.bundle.manifest["pipeline"].get("max_sequence_length", MAX_TOKENS)
+        length = self.text_length("text_encoder")
         self.warn_truncation(tok, text, length, "the prompt")
         enc = tok(text, return_tensors="pt", padding="max_length", truncation=True, max_length=length)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -9,7 +9,6 @@ import torch
 
 from app.runtime.pipelines.base import GenerationRequest, Job, Pipeline
 
-T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 DEFAULT_STRENGTH = 0.6  # StableDiffusion3Img2ImgPipeline's default
 
 
@@ -29,8 +28,9 @@ class SD3Pipeline(Pipeline):
         if "text_encoder_3" not in self.bundle.components():
             return None
         tok = self.tokenizer("tokenizer_3")
-        self.warn_truncation(tok, prompt, T5_TOKENS, "the prompt (T5)")
-        return tok(prompt, padding="max_length", max_length=T5_TOKENS, truncation=True, add_special_tokens=True,
+        length = self.text_length("text_encoder_3")
+        self.warn_truncation(tok, prompt, length, "the prompt (T5)")
+        return tok(prompt, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                    return_tensors="pt").input_ids
 
     def _prompt_tokens(self, prompt: str) -> dict:
@@ -49,7 +49,7 @@ class SD3Pipeline(Pipeline):
     def _t5(self, ids: torch.Tensor | None) -> torch.Tensor:
         if ids is None:  # SD3 folders may ship without T5: the pipeline uses zeros
             dim = self._input("transformer", "encoder_hidden_states")["shape"][-1]
-            return torch.zeros(1, T5_TOKENS, dim, device=self.device)
+            return torch.zeros(1, self.text_length("text_encoder_3"), dim, device=self.device)
         return self.run_encoder("text_encoder_3", {"input_ids": ids}, "hidden")
 
     def _embed(self, tokens: dict):
