@@ -211,5 +211,10 @@ class GenerationWorker(QObject):
 
 
 def unexpected(e: BaseException) -> str:
-    return (f"Unexpected error: {type(e).__name__}: {e}. The details are in the log; please report it "
-            "with `edgegen doctor` output.")
+    """One sentence for the banner, with the path of the full report (the same file the CLI writes), so the
+    user can copy it into a ticket."""
+    from app.errors import one_line, write_report
+
+    path = write_report(e, context="desktop app")
+    where = f"the full report is {path}" if path else "writing the report failed too; see the log"
+    return f"Unexpected error ({one_line(e)}); {where}. Please send it with `edgegen doctor` output."

@@ -130,3 +130,24 @@ def test_restart_finds_history_and_reuses_parameters(window, qtbot, app_root, ui
     t0 = time.monotonic()
     again.close()
     assert time.monotonic() - t0 < 5  # closing waits for the threads, which are idle
+
+
+def test_unexpected_failure_offers_its_report_to_copy(qtbot, tmp_path, monkeypatch):
+    """An unexpected error in the app writes the same report the CLI writes and the banner copies it."""
+    from PySide6.QtWidgets import QApplication
+
+    from app.ui.messages import Banner
+    from app.ui.worker import unexpected
+
+    monkeypatch.setenv("EDGEGEN_LOG_DIR", str(tmp_path / "logs"))
+    try:
+        raise KeyError("model_index")
+    except KeyError as e:
+        message = unexpected(e)
+    banner = Banner()
+    qtbot.addWidget(banner)
+    banner.show_message(message)
+    assert banner.copy.isVisibleTo(banner) and banner.report.parent == tmp_path / "logs"
+    banner.copy.click()
+    copied = QApplication.clipboard().text()
+    assert "Traceback" in copied and "KeyError" in copied
