@@ -53,8 +53,12 @@ def engine_target(manifest: dict) -> str:
 
 
 def this_gpu(reader: GpuReader | None = None) -> GpuSpec | None:
-    gpus = read_gpus(reader)
-    return gpu_spec_from_info(gpus[0]) if gpus else None
+    """The GPU the runtime will use: CUDA device 0 joined to its NVML record by UUID (CUDA and NVML can number
+    GPUs differently), else NVML's first GPU when this PyTorch cannot use CUDA (the plan still helps)."""
+    from app.planning.devices import current_cuda_gpu
+
+    g = current_cuda_gpu(0, reader) or next(iter(read_gpus(reader)), None)
+    return gpu_spec_from_info(g) if g else None
 
 
 def plan_for(bundle: Bundle, gpu: GpuSpec | None, width: int, height: int, batch: int = 1) -> Plan:
