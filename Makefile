@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # CPU build of torch (pinned in pyproject), CPU ONNX Runtime, TensorRT-RTX (builds engines without a GPU),
 # ModelOpt for FP8, PySide6, test tools. GPU sites install from the offline bundle instead (installer/).
-EXTRAS := cpu,rtx,fp8,ui,server,test
+EXTRAS := cpu,rtx,fp8,ui,server,cluster,test
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # The trained demo model ships in assets/; without it, a tiny RANDOM Klein model (it draws noise) stands in.
 DEMO_MODEL  := $(if $(wildcard assets/demo-model/model_index.json),assets/demo-model,out/tiny-random-klein)

@@ -396,7 +396,10 @@ COMMANDS = {"keys": cmd_keys, "sign": cmd_sign, "trust": cmd_trust, "export": cm
 def cmd_serve(args) -> int:
     from app.server.commands import cmd_serve as serve
 
-    return serve(args)
+    cluster = None
+    if args.cluster:  # the cluster is handed to the server here; app.server never imports app.cluster
+        from app.cluster import serve as cluster
+    return serve(args, cluster=cluster)
 
 
 def cmd_batch(args) -> int:

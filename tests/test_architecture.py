@@ -21,8 +21,9 @@ ALLOWED: dict[str, set[str]] = {
     "site": {"core", "bundle", "planning", "models", "runtime"},
     "ui": {"core", "bundle", "planning", "runtime"},
     "server": {"core", "bundle", "planning", "runtime"},
+    "cluster": {"core", "bundle", "planning", "runtime", "server"},
     "export": {"core", "bundle", "planning", "models", "runtime"},
-    "cli": {"core", "bundle", "planning", "models", "runtime", "site", "ui", "server", "export"},
+    "cli": {"core", "bundle", "planning", "models", "runtime", "site", "ui", "server", "cluster", "export"},
 }
 CORE = {"app", "app.errors", "app.offline", "app.progress"}
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 from pathlib import Path
 
 from app.errors import UsageError
-
-CLUSTER_MODULE = "app.cluster"
 
 
 def add_parsers(sub) -> None:
@@ -22,7 +19,16 @@ def add_parsers(sub) -> None:
     s.add_argument("--bundle", type=Path, action="append", default=[],
                    help="a bundle, or a folder of bundles, to serve (repeatable; engines/ is always searched)")
     s.add_argument("--output", type=Path, help="folder for generated images (default: per-user data folder)")
-    s.add_argument("--cluster", metavar="ADDRESS", help="spread jobs over a cluster's GPUs")
+    s.add_argument("--cluster", metavar="ADDRESS", help="spread jobs over a Ray cluster's GPUs: the head's IP:PORT, "
+                                                         "or 'local' for this machine's GPUs (docs/CLUSTER.md)")
+    s.add_argument("--cluster-token-file", type=Path, metavar="FILE",
+                   help="Ray token authentication (needed when the cluster spans machines)")
+    s.add_argument("--cluster-node-ip", metavar="IP", help="this machine's address in the cluster (default: the "
+                                                            "head's, i.e. serve runs on the head)")
+    s.add_argument("--replicas", type=_positive, help="at most this many replicas (default: one per GPU; one per "
+                                                      "node on a cluster without GPUs)")
+    s.add_argument("--cluster-retries", type=int, default=2, metavar="N",
+                   help="a job whose replica dies runs again at most N times, then fails (default 2)")
     s.add_argument("--redact-prompts", action="store_true", help="audit log keeps prompt hashes, not prompt text")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="a web page origin allowed to call the API (none by default)")
@@ -64,7 +70,8 @@ def _server_deps() -> None:
         raise UsageError("edgegen serve needs aiohttp; install it with: pip install 'edgegen[server]'")
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args, cluster=None) -> int:
+    """`cluster`: the cluster's `serve(config, address, say)`, passed in by the CLI (the server never imports it)."""
     from app.progress import say
     from app.server.config import ServerConfig, is_loopback
     from app.server.security import read_token_file
@@ -78,12 +85,10 @@ def cmd_serve(args) -> int:
                           output_dir=args.output, redact_prompts=args.redact_prompts,
                           cors_origins=tuple(args.cors_origin))
     if args.cluster:
-        if importlib.util.find_spec(CLUSTER_MODULE) is None:
-            raise UsageError("--cluster is not available yet; run one edgegen serve per GPU for now")
-        cluster = importlib.import_module(CLUSTER_MODULE)
-        if not hasattr(cluster, "serve"):
-            raise UsageError("--cluster is not available yet in this edgegen; run one edgegen serve per GPU")
-        return cluster.serve(config, args.cluster, say)
+        if cluster is None:
+            raise UsageError("--cluster is not available in this edgegen; run one edgegen serve per GPU")
+        return cluster(config, args.cluster, say, node_ip=args.cluster_node_ip, replicas=args.replicas,
+                       retries=args.cluster_retries, token_file=args.cluster_token_file)
     from app.server.run import serve
 
     return serve(config, say)

@@ -157,6 +157,29 @@ class JobQueue:
             db.execute("UPDATE jobs SET status=?, attempts=MAX(attempts-1, 0) WHERE id=? AND status=?",
                        (PENDING, job_id, RUNNING))
 
+    def retry(self, job_id: str, reason: str) -> bool:
+        """A running job whose generating process died (a cluster replica): back to pending, the attempt counted,
+        or failed once it has been started `max_attempts` times. True if it was re-queued."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT attempts, messages FROM jobs WHERE id=? AND status=?", (job_id, RUNNING)).fetchone()
+            if row is None:
+                return False
+            attempts, msgs = row[0], json.loads(row[1])
+            if attempts < self.max_attempts:
+                msgs.append(["execution_requeued", {"prompt_id": job_id, "timestamp": _ms(now),
+                             "reason": f"{reason}; it runs again"}])
+                db.execute("UPDATE jobs SET status=?, messages=? WHERE id=?", (PENDING, json.dumps(msgs), job_id))
+                return True
+            text = (f"{reason}, on each of {attempts} attempts; it was not retried again. Resubmit it, and check the "
+                    "cluster's logs if it keeps happening")
+            msgs.append(["execution_error", {"prompt_id": job_id, "timestamp": _ms(now), "exception_message": text,
+                         "exception_type": "WorkerLost"}])
+            db.execute("UPDATE jobs SET status=?, messages=?, error=?, finished=? WHERE id=?",
+                       (ERROR, json.dumps(msgs), text, now, job_id))
+            self._trim(db)
+            return False
+
     def record_image(self, job_id: str, node: str, idx: int, filename: str, subfolder: str, type_: str) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?)",

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -17,12 +18,17 @@ from app.server.events import Hub
 from app.server.queue import JobQueue
 from app.server.worker import Worker
 
+# (queue, resolved config, publish) -> the object running jobs: a Worker, or anything with its start, stop, wake,
+# interrupt and running methods (the cluster's pool of replica workers, passed in by the CLI).
+MakeWorkers = Callable[[JobQueue, ServerConfig, Callable], Any]
+
 
 class Server:
     """The queue, the worker and the HTTP site, started and stopped together inside one event loop."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, make_workers: MakeWorkers | None = None):
         self.config = config.resolved()
+        self.make_workers = make_workers or Worker
         if self.config.require_token and not self.config.token:
             raise UsageError(f"binding to {self.config.host} (not loopback) needs a token: pass --token-file FILE "
                              "holding a long random secret, or bind to 127.0.0.1")
@@ -47,7 +53,7 @@ class Server:
         self.queue = JobQueue(cfg.db_path, cfg.max_attempts, cfg.history_limit)
         self.requeued, self.failed = self.queue.recover()
         self.hub = Hub(asyncio.get_running_loop())
-        self.worker = Worker(self.queue, cfg, self.hub.publish)
+        self.worker = self.make_workers(self.queue, cfg, self.hub.publish)
         self.bundles = BundleIndex(cfg.bundles, cfg.search_default_engines)
         self.runner = web.AppRunner(make_app(cfg, self.queue, self.worker, self.hub, self.bundles),
                                     access_log=None, handle_signals=False, shutdown_timeout=5.0)
@@ -84,11 +90,11 @@ def _lock_queue(db_path):
     return f
 
 
-def serve(config: ServerConfig, say: Callable[[str], None] = print) -> int:
+def serve(config: ServerConfig, say: Callable[[str], None] = print, make_workers: MakeWorkers | None = None) -> int:
     """Run until SIGINT/SIGTERM; a running job is released back to the queue and resumes on the next start."""
 
     async def main() -> None:
-        server = Server(config)
+        server = Server(config, make_workers)
         await server.start()
         cfg = server.config
         if not is_loopback(cfg.host):
@@ -118,8 +124,8 @@ def serve(config: ServerConfig, say: Callable[[str], None] = print) -> int:
 class ServerThread:
     """A real server on its own event loop in a background thread (tests, in-process `edgegen batch`)."""
 
-    def __init__(self, config: ServerConfig):
-        self.server = Server(config)
+    def __init__(self, config: ServerConfig, make_workers: MakeWorkers | None = None):
+        self.server = Server(config, make_workers)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="edgegen-server", daemon=True)
 

@@ -26,6 +26,10 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+class WorkerLost(Exception):
+    """The process generating a job died under it (a cluster replica): the job may run again on another one."""
+
+
 class Loaded:
     """A verified bundle with its backend and pipeline."""
 
@@ -40,8 +44,8 @@ class Loaded:
 
 
 class Worker(threading.Thread):
-    def __init__(self, queue: JobQueue, config: ServerConfig, publish: Publish):
-        super().__init__(name="edgegen-generation", daemon=True)
+    def __init__(self, queue: JobQueue, config: ServerConfig, publish: Publish, name: str = "edgegen-generation"):
+        super().__init__(name=name, daemon=True)
         self.queue, self.config, self.publish = queue, config, publish
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -74,9 +78,13 @@ class Worker(threading.Thread):
             return self._current[0] if self._current else None
 
     # ----- the thread -------------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Whether this worker may claim a job now (a cluster replica may be restarting or its node draining)."""
+        return True
+
     def run(self) -> None:
         while not self._stopping.is_set():
-            job = self.queue.claim_next()
+            job = self.queue.claim_next() if self.ready() else None
             if job is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -123,6 +131,14 @@ class Worker(threading.Thread):
                     "node_type": self._node_type(job, task), "executed": done, "timestamp": _ms()}
             self.queue.finish(job.id, INTERRUPTED, "execution_interrupted", data, error="interrupted")
             self.publish("execution_interrupted", data, sid)
+        except WorkerLost as e:
+            if not self.queue.retry(job.id, str(e)):
+                failed = self.queue.get(job.id)
+                data = {"prompt_id": job.id, "node_id": task.sampler_node if task else None,
+                        "node_type": self._node_type(job, task), "executed": done,
+                        "exception_message": failed.error if failed else str(e), "exception_type": "WorkerLost",
+                        "traceback": [], "current_inputs": {}, "current_outputs": {}, "timestamp": _ms()}
+                self.publish("execution_error", data, sid)
         except Exception as e:  # EdgegenError is a sentence for the user; anything else is our bug
             message = str(e) if isinstance(e, EdgegenError) else f"internal error: {type(e).__name__}: {e}"
             if not isinstance(e, EdgegenError):
