@@ -85,9 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     e.add_argument("--family", default="auto", help="auto, flux2-klein or sd3.5")
     e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"])
-    e.add_argument("--text-encoder-precision", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
-                   help="fp8 quantizes the text encoders too (calibrated on --calibration-prompts)")
-    e.add_argument("--target", default="onnx", choices=["onnx", "tensorrt-rtx", "tensorrt"])
+    e.add_argument("--text-encoder-precision", choices=["fp32", "bf16", "fp16", "fp8"],
+                   help="default: bf16 with --precision bf16, else fp32; fp8 quantizes the text encoders too "
+                        "(calibrated on --calibration-prompts)")
+    e.add_argument("--target", choices=["onnx", "tensorrt-rtx", "tensorrt"], help="default: onnx, or the engine "
+                   "flavour for --gpu")
+    e.add_argument("--gpu", help='export what the plan chooses for this card: auto, a name such as "RTX 4090", or '
+                   "smXY:GiB (per-component precision, engine target and compute capability)")
     e.add_argument("--sm", default="", help="compute capabilities for engines, e.g. 89,120")
     e.add_argument("--min-size", type=_size)
     e.add_argument("--max-size", type=_size)
@@ -243,13 +247,19 @@ def cmd_export(args) -> int:
 
     sms = tuple(s.strip() for s in args.sm.split(",") if s.strip())
     opts = ExportOptions(
-        model=args.model, out=args.out, family=args.family, precision=args.precision, target=args.target, sms=sms,
+        model=args.model, out=args.out, family=args.family, precision=args.precision, target=args.target or "onnx",
+        sms=sms,
         min_size=args.min_size, max_size=args.max_size, calibration_prompts=args.calibration_prompts,
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
         text_encoder_precision=args.text_encoder_precision,
         loras=tuple(args.lora), overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
         skip_memory_check=args.skip_memory_check, with_encoder=args.with_encoder,
     )
+    if args.gpu:
+        from app.planning.gpus import parse_gpu_option
+        from export.exporter import options_for_gpu
+
+        opts = options_for_gpu(opts, parse_gpu_option(args.gpu), explicit_target=args.target, say=say)
     if args.sign:  # check the key before a long export, not after it
         from app.bundle.trust import load_signing_key
 

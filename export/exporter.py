@@ -56,7 +56,10 @@ class ExportOptions:
     calibration_prompts: Path | None = None
     calibration_size: int | None = None
     calibration_count: int = 8
-    text_encoder_precision: Precision = "fp32"  # FP8 only on request; never FP16 (T5 overflows it)
+    # None: BF16 with --precision bf16, else FP32; FP8 only on request; FP16 only where export/bf16_policy.py
+    # allows it (never T5 or Qwen3)
+    text_encoder_precision: Precision | None = None
+    vae_precision: Literal["fp32", "bf16"] | None = None  # None: BF16 with --precision bf16, else FP32
     loras: tuple[tuple[Path, float], ...] = ()
     overwrite: bool = False
     accept_low_fidelity: bool = False  # keep components below export/fidelity.py's thresholds (recorded)
@@ -150,6 +153,33 @@ def _io(spec, onnx_path: Path) -> dict:
     return {"inputs": describe(model.graph.input, spec.inputs), "outputs": describe(model.graph.output, spec.outputs)}
 
 
+def options_for_gpu(opts: ExportOptions, gpu, explicit_target: str | None = None,
+                    say: Progress = lambda _m: None) -> ExportOptions:
+    """`export --gpu`: the precisions app.planning.policy.choose_precision picks per component for that card
+    (FP8 transformer on sm89+, BF16 elsewhere from sm80; BF16 text encoders and VAE from sm80), and engines for
+    its compute capability with the flavour that targets it, unless --target/--sm say otherwise."""
+    from dataclasses import replace
+
+    from app.planning.policy import choose_precision, engine_flavour_for_sm
+
+    if gpu is None:
+        raise UsageError('--gpu auto found no NVIDIA GPU here; name the card, e.g. --gpu "RTX 4090" or --gpu sm89:24')
+    sm = gpu.sm
+    transformer = choose_precision("transformer", sm)
+    if transformer == "fp16":  # pre-Ampere: FP16 only where export/bf16_policy.py allows it, else FP32
+        from export.bf16_policy import FP16_ALLOWED
+
+        folder = inspect_folder(opts.model, opts.family)
+        transformer = "fp16" if "transformer" in FP16_ALLOWED.get(folder.family.name, ()) else "fp32"
+    text, vae = choose_precision("text_encoder", sm), choose_precision("vae", sm)
+    target = explicit_target or engine_flavour_for_sm(sm)
+    chosen = replace(opts, precision=transformer, text_encoder_precision=text, vae_precision=vae, target=target,
+                     sms=opts.sms or ((sm,) if target != "onnx" else ()))
+    say(f"[plan] {gpu.name} (sm{sm}): transformer {transformer.upper()}, text encoders {text.upper()}, "
+        f"VAE {vae.upper()}; {target}" + (f" engines for sm{', sm'.join(chosen.sms)}" if chosen.sms else ""))
+    return chosen
+
+
 def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     """Preflight (everything checkable before the first weight is read), then the export itself."""
     t0 = time.monotonic()
@@ -157,15 +187,14 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     fam = folder.family
     own = own_defaults(folder.path)
     dims = model_dims(folder.path, fam, folder.index, _text_length(folder, own).get("max_sequence_length"))
-    if opts.precision not in ("fp32", "fp8"):
-        raise UsageError(f"--precision {opts.precision} is not available yet; use fp32 (ONNX Runtime/TensorRT-RTX) "
-                         "or fp8")
-    if opts.text_encoder_precision not in ("fp32", "fp8"):
-        why = " (text encoders are never FP16: T5 overflows it)" if opts.text_encoder_precision == "fp16" else ""
-        raise UsageError(f"--text-encoder-precision {opts.text_encoder_precision} is not available; "
-                         f"use fp32 or fp8{why}")
+    from export.bf16_policy import HALF, component_precisions
+
+    te_precision = opts.text_encoder_precision or ("bf16" if opts.precision == "bf16" else "fp32")
+    with_encoder = fam.encoder_by_default if opts.with_encoder is None else opts.with_encoder
+    present = [c.name for c in fam.components if folder.present(c.source) and (with_encoder or not c.on_request)]
+    precisions = component_precisions(fam.name, present, opts.precision, te_precision, opts.vae_precision)
     fp8_encoders = ()
-    if opts.text_encoder_precision == "fp8":
+    if te_precision == "fp8":
         from export.fp8_policy import text_encoder_fp8_exclude_patterns
 
         fp8_encoders = tuple(c.name for c in fam.components
@@ -181,15 +210,16 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     preflight.check_calibration_size(opts.calibration_size, size_range, dims)
     if opts.loras:
         check_loras(folder.path / fam.component("transformer").source, folder.index["_class_name"], opts.loras)
-    graph_precision = "fp8" if opts.precision == "fp8" or fp8_encoders else "fp32"
+    graph_precision = ("fp8" if opts.precision == "fp8" or fp8_encoders else
+                       "bf16" if "bf16" in precisions.values() else "fp16" if "fp16" in precisions.values() else "fp32")
     sms = preflight.check_targets(opts.target, opts.sms, graph_precision, progress)
-    preflight.check_tools(opts.precision, opts.text_encoder_precision, opts.target, progress)
+    preflight.check_tools(opts.precision, te_precision, opts.target, progress)
     out = Path(opts.out).absolute()
     preflight.clean_stale_partials(out.parent, progress)
     n_engines = len(sms) if opts.target != "onnx" else 0
-    preflight.check_disk(out, preflight.bundle_bytes_estimate(folder, opts.precision, fp8_encoders, n_engines),
-                         progress)
-    preflight.check_memory(preflight.memory_estimate(folder, opts.precision, fp8_encoders), progress,
+    preflight.check_disk(out, preflight.bundle_bytes_estimate(folder, opts.precision, fp8_encoders, n_engines,
+                                                              precisions), progress)
+    preflight.check_memory(preflight.memory_estimate(folder, opts.precision, fp8_encoders, precisions), progress,
                            opts.skip_memory_check)
     for note in notes:
         progress(note)
@@ -198,15 +228,20 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     lora_records: list[dict] = []
     started = time.monotonic()
     with BundleWriter(opts.out, overwrite=opts.overwrite) as w:
-        with_encoder = fam.encoder_by_default if opts.with_encoder is None else opts.with_encoder
         for spec in fam.components:
-            if not folder.present(spec.source) or (spec.on_request and not with_encoder):
+            if spec.name not in precisions:
                 continue
-            components[spec.name], records = export_one(folder, spec, w.tmp / spec.name, opts.loras, progress)
+            p = precisions[spec.name]
+            components[spec.name], records = export_one(folder, spec, w.tmp / spec.name, opts.loras, progress,
+                                                        precision=p if p in HALF else "fp32")
             lora_records = records or lora_records
             f = components[spec.name]["fidelity"]
             components[spec.name]["fidelity_gate"] = gate(spec.name, "fp32", f["cosine"], f["max_rel_err"],
                                                           opts.accept_low_fidelity)
+            if p in HALF:
+                h = components[spec.name][f"fidelity_{p}"]
+                components[spec.name][f"{p}_fidelity_gate"] = gate(spec.name, p, h["cosine"], h["max_rel_err"],
+                                                                   opts.accept_low_fidelity)
         for name in fam.tokenizers + ("scheduler",):
             if folder.present(name):
                 shutil.copytree(folder.path / name, w.tmp / name)
@@ -214,7 +249,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "family": fam.name,
             "source": _source_identity(folder),
             "precision": opts.precision,
-            "text_encoder_precision": "fp8" if fp8_encoders else "fp32",
+            "text_encoder_precision": te_precision,
+            "component_precisions": precisions,
             # Every shape the runtime needs, from the model's configs (app.bundle.families.model_dims).
             "pipeline": {"is_distilled": bool(folder.index.get("is_distilled", False)),
                          **{k: v for k, v in dims.items() if v is not None}, **_text_length(folder, own),
@@ -229,18 +265,101 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             "exporter": _versions(),
             "export_seconds": round(time.monotonic() - started, 2),
         }
+        if any(p in HALF for p in precisions.values()):
+            half_images(opts, folder, manifest, w.tmp, progress)
         if opts.precision == "fp8" or fp8_encoders:
             quantize_components(opts, fam, manifest, w.tmp, prompts, fp8_encoders, progress)
+        _drop_twins(manifest, w.tmp)
+        for entry in manifest["components"].values():
+            entry["bytes"] = sum(f.stat().st_size for f in (w.tmp / entry["onnx"]).parent.iterdir() if f.is_file())
         if opts.target != "onnx":
             manifest["engines"] = build_engines(opts, fam, manifest, w.tmp, progress)
-        overridden = {n: c.get(k) for n, c in components.items() for k in ("fidelity_gate", "fp8_fidelity_gate")
+        overridden = {n: c.get(k) for n, c in components.items()
+                      for k in ("fidelity_gate", "fp8_fidelity_gate", "bf16_fidelity_gate", "fp16_fidelity_gate")
                       if (c.get(k) or {}).get("accepted_low_fidelity")}
+        if (manifest.get("fidelity") or {}).get("image_gate", {}).get("accepted_low_fidelity"):
+            overridden["images"] = manifest["fidelity"]["image_gate"]
         if overridden:
             manifest["fidelity_override"] = {"accepted_low_fidelity": True, "components": sorted(overridden),
                                              "why": "exported with --accept-low-fidelity"}
             progress(f"warning: kept {', '.join(sorted(overridden))} below the fidelity thresholds "
                      "(--accept-low-fidelity); the manifest records it")
         return w.commit(manifest)
+
+
+def cpu_runnable(manifest: dict) -> dict:
+    """The manifest with each BF16/FP16 component swapped for its FP32 twin (export/bf16.py), which ONNX
+    Runtime's CPU provider can run: same graph and rounded weights, FP32 arithmetic. For export-time checks
+    and calibration only; the twins are deleted before the bundle is committed."""
+    from export.bf16 import TWIN_NAME
+
+    comps = {}
+    for name, entry in manifest["components"].items():
+        if entry.get("precision") in ("bf16", "fp16"):
+            entry = {**entry, "onnx": f"{Path(entry['onnx']).parent.as_posix()}/{TWIN_NAME}", "precision": "fp32"}
+        comps[name] = entry
+    return {**manifest, "components": comps}
+
+
+def _drop_twins(manifest: dict, root: Path) -> None:
+    from export.bf16 import TWIN_NAME
+
+    for entry in manifest["components"].values():
+        (root / entry["onnx"]).with_name(TWIN_NAME).unlink(missing_ok=True)
+
+
+def half_images(opts: ExportOptions, folder: ModelFolder, manifest: dict, root: Path, progress: Progress) -> None:
+    """Image PSNR of the half-precision bundle vs FP32 on fixed prompts and seeds (export.calibrate's cases),
+    two ways: the bundle's graphs run as their FP32 twins in ONNX Runtime (the effect of the rounded weights,
+    with FP32 arithmetic), and the same modules in PyTorch with BF16/FP16 arithmetic (the effect of both).
+    The reference is the source folder's modules in PyTorch FP32, which the FP32 bundle matches to ~85-130 dB.
+    Skipped, and said so in the manifest, when the FP32 reference would not fit in memory (real-size models)."""
+    from app.bundle.manifest import Bundle
+    from app.runtime.pipelines import make_pipeline
+    from export import calibrate
+    from export.bf16 import HalfTorchBackend, fp32_bytes_needed
+    from export.fidelity import image_gate
+
+    precisions = manifest["component_precisions"]
+    label = "/".join(sorted({p.upper() for p in precisions.values() if p in ("bf16", "fp16")}))
+    need, have = fp32_bytes_needed(folder, precisions), preflight.available_memory()
+    if have is not None and need > have:
+        manifest["fidelity"] = {"image_psnr_vs_fp32_db": None, "skipped": (
+            f"the PyTorch FP32 reference needs about {preflight.fmt_gib(need)} of RAM, {preflight.fmt_gib(have)} "
+            "was available; each component's own check above still ran")}
+        progress(f"[fidelity] {label} vs FP32 images skipped: {manifest['fidelity']['skipped']}")
+        return
+    progress(f"[fidelity] {label} vs FP32 images on fixed prompts and seeds")
+    provisional = Bundle(root, manifest, "provisional")
+    size = opts.calibration_size
+
+    def draw(bundle, backend):
+        pipe = make_pipeline(bundle, backend)
+        from app.runtime.pipelines import GenerationRequest
+
+        return [pipe.generate(GenerationRequest(prompt=p, seed=s, width=size, height=size)).image
+                for p, s in calibrate.FIDELITY_CASES]
+
+    from app.runtime.torch_backend import TorchBackend
+
+    ref = draw(provisional, TorchBackend(provisional, folder.path))
+    twin = calibrate.images(Bundle(root, cpu_runnable(manifest), "provisional"), size)
+    half = draw(provisional, HalfTorchBackend(provisional, folder.path, precisions))
+    rounded = [psnr(a, b) for a, b in zip(ref, twin)]
+    computed = [psnr(a, b) for a, b in zip(ref, half)]
+    worst = min(rounded + computed)
+    manifest["fidelity"] = {
+        "image_psnr_vs_fp32_db": worst,
+        "image_psnr_rounded_weights_db": [round(p, 2) for p in rounded],
+        "image_psnr_half_compute_db": [round(p, 2) for p in computed],
+        "image_cases": [list(c) for c in calibrate.FIDELITY_CASES],
+        "half_components": sorted(n for n, p in precisions.items() if p in ("bf16", "fp16")),
+        "how": ("reference: the source modules in PyTorch FP32; rounded_weights: the bundle's graphs as FP32 "
+                f"twins in ONNX Runtime; half_compute: the same modules in PyTorch with {label} arithmetic"),
+        "image_gate": image_gate(label.split("/")[0].lower(), worst, opts.accept_low_fidelity),
+    }
+    progress(f"[fidelity] image PSNR vs FP32: {min(rounded):.1f} dB with rounded weights (ONNX graphs, FP32 "
+             f"twins), {min(computed):.1f} dB with {label} arithmetic (PyTorch)")
 
 
 def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, prompts: list[str],
@@ -256,7 +375,7 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
         text_encoder_fp8_exclude_patterns,
     )
 
-    fp32 = Bundle(root, manifest, "provisional")
+    fp32 = Bundle(root, cpu_runnable(manifest), "provisional")  # BF16 parts run as their FP32 twins
     current, cosines = fp32, {}
     if encoders:
         # Held out: the fixed image prompts, never calibrated on.
@@ -352,26 +471,53 @@ def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress
     return records
 
 
-def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Progress = print) -> tuple[dict, list]:
+def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Progress = print,
+               precision: str = "fp32") -> tuple[dict, list]:
     """Load, export and check one component; returns its manifest entry and the LoRA records (if fused here).
 
-    Memory: one FP32 copy of the component plus one tensor at any time. The PyTorch reference outputs are
-    computed first, then the module is dropped, so the graph is the weights' only holder while it is written
-    (transposes deferred, tensor by tensor), and it is gone before ONNX Runtime maps the file to check it."""
+    `precision` fp32, or bf16/fp16: the module is loaded in that dtype (no FP32 copy), traced as is, with
+    FP32 islands (export/bf16_policy.py), and checked through its FP32 twin (export/bf16.py).
+
+    Memory: one copy of the component (in the precision it is exported in) plus one tensor at any time. The
+    PyTorch reference outputs are computed first, then the module is dropped, so the graph is the weights'
+    only holder while it is written (transposes deferred, tensor by tensor), and it is gone before ONNX
+    Runtime maps the file to check it."""
+    from export.bf16 import TORCH_DTYPES
+
     t0 = time.monotonic()
     fam = folder.family
-    progress(f"[{spec.name}] loading {spec.source} from {folder.path.name}")
-    module = load_component(folder, spec.source)
+    half = precision in ("bf16", "fp16")
+    dtype = TORCH_DTYPES[precision] if half else torch.float32
+    progress(f"[{spec.name}] loading {spec.source} from {folder.path.name}"
+             + (f" in {precision.upper()}" if half else ""))
+    module = load_component(folder, spec.source, dtype)
     lora_records: list = []
     if spec.role == "transformer" and loras:
         progress(f"[{spec.name}] fusing {len(loras)} LoRA(s)")
         lora_records = fuse_loras(module, folder.index["_class_name"], loras)
-    wrapped = wrap(spec, module)
+    if half:
+        from app.models.wrappers import wrap_in_dtype
+        from export.bf16_policy import FP32_INPUTS
+
+        wrapped = wrap_in_dtype(spec, module, dtype, FP32_INPUTS.get(fam.name, frozenset()))
+    else:
+        wrapped = wrap(spec, module)
     owner = SimpleNamespace(**{spec.source: module})
     (r0, c0), (r1, c1) = fam.trace_grids
     samples = [sample_inputs(fam.name, owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT),
                sample_inputs(fam.name, owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT)]
-    references = [_reference(spec, wrapped, s) for s in samples]
+    half_compute = None
+    if half:
+        from export.bf16 import fp32_compute
+
+        progress(f"[{spec.name}] PyTorch references: FP32 and {precision.upper()} compute on the same weights")
+        wrapped.dtype_ = torch.float32
+        with fp32_compute(module):
+            references = [_reference(spec, wrapped, s) for s in samples]
+        wrapped.dtype_ = dtype
+        half_compute = _worst([compare(r, _reference(spec, wrapped, s)) for r, s in zip(references, samples)])
+    else:
+        references = [_reference(spec, wrapped, s) for s in samples]
     parameters = sum(p.numel() for p in module.parameters())
     external = needs_external_data(module)
     weights = [*module.parameters(), *module.buffers()]
@@ -379,7 +525,12 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
     program = trace_component(spec, wrapped, samples[0])
     del module, wrapped, owner
     gc.collect()
-    onnx_path = save_component(program, spec, out_dir, external)
+    fp32_ops = frozenset()
+    if half:
+        from export.bf16_policy import fp32_ops as policy_ops
+
+        fp32_ops = policy_ops(fam.name)
+    onnx_path = save_component(program, spec, out_dir, external, fp32_ops)
     del program
     # Free the weights' storage explicitly: onnxscript's module-level rewrite rules keep the last graph they
     # matched (and through it the exported tensors) alive, so dropping our references alone frees nothing.
@@ -387,17 +538,43 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
         t.data = torch.empty(0, dtype=t.dtype)
     del weights
     gc.collect()
-    progress(f"[{spec.name}] checking ONNX Runtime against PyTorch on two shapes")
-    fidelity = _check(spec, onnx_path, samples, references)
+    if half:
+        from export.bf16 import fp32_twin, twin_session
+
+        progress(f"[{spec.name}] checking the graph's FP32 twin in ONNX Runtime against PyTorch on two shapes")
+        twin = fp32_twin(onnx_path)
+        fidelity = _check(spec, twin, samples, references, twin_session(twin))
+    else:
+        progress(f"[{spec.name}] checking ONNX Runtime against PyTorch on two shapes")
+        fidelity = _check(spec, onnx_path, samples, references)
     entry = {
         "role": spec.role, "source": spec.source, "class": folder.index[spec.source][1],
-        "onnx": f"{spec.name}/model.onnx", "precision": "fp32", "runs_on": ["onnxruntime", "tensorrt-rtx", "tensorrt"],
+        "onnx": f"{spec.name}/model.onnx", "precision": precision,
+        "runs_on": (["tensorrt-rtx (sm80+)", "tensorrt (sm80+)", "onnxruntime (CUDA only)"] if precision == "bf16"
+                    else ["tensorrt-rtx", "tensorrt", "onnxruntime (CUDA only)"] if half
+                    else ["onnxruntime", "tensorrt-rtx", "tensorrt"]),
         **_io(spec, onnx_path), "fidelity": fidelity,
         "parameters": parameters, "export_seconds": round(time.monotonic() - t0, 2),
     }
+    if half:
+        entry["fidelity"]["checked"] = ("the graph's FP32 twin (every BF16 tensor widened) in ONNX Runtime vs "
+                                        "PyTorch in FP32 on the same rounded weights")
+        entry["fidelity_" + precision] = {**half_compute, "checked": f"PyTorch {precision.upper()} compute vs "
+                                          "PyTorch FP32 compute on the same rounded weights"}
+        entry["fp32_ops"] = sorted(fp32_ops)
     progress(f"[{spec.name}] done in {time.monotonic() - t0:.1f}s: max|err| {fidelity['max_abs_err']:.2e}, "
-             f"cosine {fidelity['cosine']:.6f}")
+             f"cosine {fidelity['cosine']:.6f}"
+             + (f"; {precision.upper()} compute cosine {half_compute['cosine']:.5f}" if half else ""))
     return entry, lora_records
+
+
+def _worst(figures: list[dict]) -> dict:
+    """The worst of several compare() results (NaN wins, so no gate can pass it)."""
+    worst = {"max_abs_err": 0.0, "max_rel_err": 0.0, "cosine": 1.0}
+    for c in figures:
+        for key, pick in (("max_abs_err", max), ("max_rel_err", max), ("cosine", min)):
+            worst[key] = c[key] if math.isnan(c[key]) or math.isnan(worst[key]) else pick(worst[key], c[key])
+    return worst
 
 
 def _reference(spec, wrapped, sample: dict) -> dict[str, np.ndarray]:
@@ -407,15 +584,16 @@ def _reference(spec, wrapped, sample: dict) -> dict[str, np.ndarray]:
     return {o.name: r.numpy() for o, r in zip(spec.outputs, ref)}
 
 
-def _check(spec, onnx_path: Path, samples: list[dict], references: list[dict]) -> dict:
+def _check(spec, onnx_path: Path, samples: list[dict], references: list[dict], sess=None) -> dict:
     """ONNX Runtime vs the PyTorch outputs on each sample. Prepacking is off: it would copy every weight
     (a second model in memory) to speed up a session that runs twice."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    if sess is None:
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
     worst = {"max_abs_err": 0.0, "max_rel_err": 0.0, "cosine": 1.0, "shapes": []}
     for sample, ref in zip(samples, references):
         got = sess.run(None, {k: v.numpy() for k, v in sample.items()})

@@ -23,10 +23,22 @@ class Threshold:
 # a dropped op), never rounding. FP8 is a real approximation: the demo transformer measures 0.99956 and the
 # test models' text encoders > 0.98; below 0.97 images visibly change. FP8's largest element error can reach
 # the size of the largest output (outliers), so only an error above it, i.e. a broken output, is refused.
+# BF16/FP16 rows gate PyTorch's half arithmetic against FP32 arithmetic on the same rounded weights (the
+# graph itself is gated by the fp32 row, through its FP32 twin: export/bf16.py). Measured on the test models of
+# both families: BF16 cosine >= 0.9999 on every component, max relative error <= 2 %; BF16 has 8 mantissa bits
+# (0.4 % per rounding), so 0.995 / 10 % passes honest BF16 and refuses a graph that lost an FP32 island
+# (softmax or norm statistics in BF16) or overflowed.
 THRESHOLDS: dict[str, Threshold] = {
     "fp32": Threshold(cosine_min=0.999, max_rel_err=1e-2),
+    "bf16": Threshold(cosine_min=0.995, max_rel_err=0.1),
+    "fp16": Threshold(cosine_min=0.998, max_rel_err=0.05),
     "fp8": Threshold(cosine_min=0.97, max_rel_err=1.0),
 }
+
+# Whole-image PSNR of a half-precision bundle vs FP32 on the fixed prompts and seeds (export.calibrate's
+# FIDELITY_CASES), the worse of rounded weights (FP32 twins) and half arithmetic (PyTorch). Measured on the
+# test models: see docs/PERFORMANCE.md "BF16". 30 dB is where differences start to be visible side by side.
+IMAGE_PSNR_MIN_DB: dict[str, float] = {"bf16": 30.0, "fp16": 30.0}
 
 
 class LowFidelityError(UsageError):
@@ -45,10 +57,24 @@ def gate(component: str, precision: str, cosine: float, max_rel_err: float, acce
     record = {"precision": precision, "cosine": cosine, "max_rel_err": max_rel_err, "thresholds": asdict(t),
               "passed": not failed}
     if failed and not accept:
-        ref = "PyTorch" if precision == "fp32" else "its FP32 export"
+        ref = {"fp32": "PyTorch", "fp8": "its FP32 export"}.get(precision, "FP32 arithmetic on the same weights")
         raise LowFidelityError(
             f"the {precision.upper()} {component} is too far from {ref} ({'; '.join(failed)}), so no bundle was "
             f"written; report it, export another precision, or pass --accept-low-fidelity to keep it anyway")
     if failed:
+        record["accepted_low_fidelity"] = True
+    return record
+
+
+def image_gate(precision: str, psnr_db: float, accept: bool) -> dict:
+    """The whole-image check of a half-precision bundle: its worst PSNR vs FP32 on the fixed cases."""
+    limit = IMAGE_PSNR_MIN_DB[precision]
+    record = {"precision": precision, "image_psnr_db": psnr_db, "min_db": limit, "passed": psnr_db >= limit}
+    if not record["passed"] and not accept:
+        raise LowFidelityError(
+            f"the {precision.upper()} bundle's images are too far from FP32 (PSNR {psnr_db:.1f} dB < {limit} dB "
+            "on the fixed prompts and seeds), so no bundle was written; export --precision fp32, or pass "
+            "--accept-low-fidelity to keep it anyway")
+    if not record["passed"]:
         record["accepted_low_fidelity"] = True
     return record

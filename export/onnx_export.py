@@ -60,8 +60,10 @@ def trace_component(spec: ComponentSpec, module: torch.nn.Module, sample: dict[s
     return program
 
 
-def save_component(program, spec: ComponentSpec, out_dir: Path, external: bool) -> Path:
-    """Optimise and write `program` to out_dir/model.onnx (+ model.onnx.data when `external`).
+def save_component(program, spec: ComponentSpec, out_dir: Path, external: bool,
+                   fp32_ops: frozenset[str] = frozenset()) -> Path:
+    """Optimise and write `program` to out_dir/model.onnx (+ model.onnx.data when `external`); in a BF16/FP16
+    graph the ops in `fp32_ops` run in FP32 (export/bf16.py keep_fp32_islands).
 
     Peak memory stays at one copy of the weights plus one tensor: weight transposes are deferred to the
     write (see defer_weight_transposes), and the file is written tensor by tensor."""
@@ -69,6 +71,10 @@ def save_component(program, spec: ComponentSpec, out_dir: Path, external: bool) 
     path = out_dir / "model.onnx"
     defer_weight_transposes(program.model)
     optimize(program.model)
+    if fp32_ops:
+        from export.bf16 import keep_fp32_islands
+
+        keep_fp32_islands(program.model, fp32_ops)
     program.save(str(path), external_data=external)
     return path
 

@@ -159,15 +159,19 @@ def clean_stale_partials(parent: Path, say: Say) -> int:
 # ---------------------------------------------------------------- disk and memory
 
 
-def _fp32_bytes(folder) -> dict[str, int]:
-    """FP32 bytes of every present component (ONNX graphs are written in FP32 whatever the source dtype)."""
-    return {spec.name: folder.weights[spec.source][0] * 4 for spec in folder.family.components
-            if spec.source in folder.weights}
+def _fp32_bytes(folder, precisions: dict[str, str] | None = None) -> dict[str, int]:
+    """Bytes of every present component's graph as exported: 4 a parameter, 2 for a BF16/FP16 graph (FP8
+    starts from an FP32 graph). Without `precisions`, every component counts in FP32."""
+    p = precisions or {}
+    return {spec.name: folder.weights[spec.source][0] * (2 if p.get(spec.name) in ("bf16", "fp16") else 4)
+            for spec in folder.family.components
+            if spec.source in folder.weights and (precisions is None or spec.name in precisions)}
 
 
-def bundle_bytes_estimate(folder, precision: str, fp8_encoders: tuple[str, ...], n_engines: int) -> int:
-    """Peak bytes the export writes: every FP32 graph, plus the FP8 copies while both exist, plus engines."""
-    fp32 = _fp32_bytes(folder)
+def bundle_bytes_estimate(folder, precision: str, fp8_encoders: tuple[str, ...], n_engines: int,
+                          precisions: dict[str, str] | None = None) -> int:
+    """Peak bytes the export writes: every graph, plus the FP8 copies while both exist, plus engines."""
+    fp32 = _fp32_bytes(folder, precisions)
     quantized = {n for n in fp32 if n in fp8_encoders or (precision == "fp8" and n == "transformer")}
     fp8 = sum(fp32[n] // 2 for n in quantized)  # FP8 weights + FP16 high-precision parts, and ModelOpt's temp
     final = sum(b for n, b in fp32.items() if n not in quantized) + sum(fp32[n] // 4 for n in quantized)
@@ -207,10 +211,12 @@ def available_memory() -> int | None:
         return None
 
 
-def memory_estimate(folder, precision: str, fp8_encoders: tuple[str, ...]) -> int:
-    """Peak RSS: one component's export at a time (EXPORT_PEAK_RATIO); FP8 calibration opens the whole FP32
-    bundle in ONNX Runtime and ModelOpt holds about two copies of the graph it quantizes."""
-    fp32 = _fp32_bytes(folder)
+def memory_estimate(folder, precision: str, fp8_encoders: tuple[str, ...],
+                    precisions: dict[str, str] | None = None) -> int:
+    """Peak RSS: one component's export at a time (EXPORT_PEAK_RATIO of its bytes in the precision it is
+    loaded and written in: a BF16 component is never widened as a whole, export/bf16.py); FP8 calibration
+    opens the whole FP32 bundle in ONNX Runtime and ModelOpt holds about two copies of the graph it quantizes."""
+    fp32 = _fp32_bytes(folder, precisions)
     peak = EXPORT_PEAK_RATIO * max(fp32.values(), default=0)
     quantized = [n for n in fp32 if n in fp8_encoders or (precision == "fp8" and n == "transformer")]
     if quantized:

@@ -197,3 +197,30 @@ WRAPPERS = {
 
 def wrap(spec, module: nn.Module) -> nn.Module:
     return WRAPPERS[spec.wrapper](module).eval()
+
+
+class _Boundary(nn.Module):
+    """A wrapper run in a half dtype whose tensors cross its boundary in FP32: floating inputs are cast to
+    `dtype` on the way in (except those named in `keep`), outputs to FP32 on the way out. The bundle's I/O
+    stays FP32 whatever the graph's precision, so the runtime feeds and reads every bundle alike."""
+
+    def __init__(self, inner: nn.Module, names: tuple[str, ...], dtype: torch.dtype, keep: frozenset[str]):
+        super().__init__()
+        self.inner, self.names, self.dtype_, self.keep = inner, names, dtype, keep
+
+    def run(self, *args):
+        args = [a.to(self.dtype_) if a.is_floating_point() and n not in self.keep else a
+                for a, n in zip(args, self.names)]
+        out = self.inner(*args)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
+def wrap_in_dtype(spec, module: nn.Module, dtype: torch.dtype, keep=frozenset()) -> nn.Module:
+    """wrap(spec, module) for a module loaded in `dtype`, with FP32 tensors at its boundary (see _Boundary).
+    The forward takes the spec's input names as its parameters: the exporter needs a fixed signature."""
+    names = tuple(t.name for t in spec.inputs)
+    ns: dict = {}
+    exec(f"def forward(self, {', '.join(names)}):\n    return self.run({', '.join(names)})", ns)  # noqa: S102
+    cls = type(f"{WRAPPERS[spec.wrapper].__name__}In{str(dtype).split('.')[-1]}", (_Boundary,),
+               {"forward": ns["forward"]})
+    return cls(wrap(spec, module), names, dtype, frozenset(keep)).eval()
