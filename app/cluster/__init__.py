@@ -11,6 +11,6 @@ from collections.abc import Callable
 
 def serve(config, address: str, say: Callable[[str], None] = print, **settings) -> int:
     """Run `edgegen serve` with its jobs dispatched to replicas on the Ray cluster at `address` ("local" starts one)."""
-    from app.cluster.serve import serve as run
+    from app.cluster.run import serve as run
 
     return run(config, address, say, **settings)

@@ -23,6 +23,10 @@ RAY_ENV = {
     "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
     "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",  # discard port: refused on the machine itself
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+    # ONNX Runtime 1.32's native 1DS telemetry looks up mobile.events.data.microsoft.com from C++ (seen with
+    # strace in tests/test_cluster.py), out of the Python guard's sight; disable_telemetry_events() does not
+    # stop it, this switch does.
+    "ORT_DISABLE_TELEMETRY": "1",
 }
 NAMESPACE = "edgegen"
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps 127.0.0.1 as the node address
