@@ -104,6 +104,18 @@ def test_ray_node_environment_is_closed():
     assert site["RAY_AUTH_MODE"] == "token" and site["RAY_AUTH_TOKEN_PATH"] == "/etc/edgegen/ray-token"
 
 
+def test_node_start_command_pins_the_address_ports_and_dashboard_off():
+    from app.cluster.__main__ import PORTS, main, ray_start_command
+
+    head = ray_start_command(True, None, "192.168.1.10")
+    assert "--node-ip-address=192.168.1.10" in head and "--include-dashboard=false" in head
+    assert "--disable-usage-stats" in head and f"--port={PORTS['gcs']}" in head and "--head" in head
+    assert "--dashboard-host=192.168.1.10" in head  # Ray's API server: the node's address, never 0.0.0.0
+    join = ray_start_command(False, "192.168.1.10:6379", "192.168.1.11")
+    assert "--address=192.168.1.10:6379" in join and "--head" not in join
+    assert main(["up", "--head", "--node-ip", "192.168.1.10"]) == 2  # beyond loopback without a token
+
+
 # ----- the local cluster run --------------------------------------------------------------------------------------
 
 def _netns_prefix() -> tuple[list[str], str]:
