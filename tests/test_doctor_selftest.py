@@ -110,6 +110,8 @@ def test_doctor_shows_the_command_that_fixes_an_engine_for_another_gpu(klein_bun
     assert eng["fix"].startswith("edgegen export --model") and "--target tensorrt-rtx --sm 89" in eng["fix"]
     assert r["gpus"][0]["sm"] == "89" and r["gpus"][0]["vram_total_gib"] == 24.0
     assert any("fix: edgegen export" in w for w in r["warnings"])
+    mem = r["bundles"][0]["memory"]  # the runtime's own plan from the bundle's bytes, at its default size
+    assert mem["strategy"] == "all-resident" and mem["does"] == "all components stay loaded" and mem["peak_gib"] > 0
 
 
 def test_selftest_passes_and_lists_what_it_did_not_cover(tiny_refs, klein_bundle, capsys):

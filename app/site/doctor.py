@@ -115,6 +115,8 @@ def _bundle_entry(path: Path, gpus: list, sw: dict) -> dict:
             elif why:
                 e["fix"] = rebuild_command(source, bundle.root, gpu.sm, rec.get("precision"))
         entry["engines"].append(e)
+    if gpu is not None:
+        entry["memory"] = _memory(bundle, gpu)
     if gpu is not None and not m.get("engines"):
         entry["engine_hint"] = f"no engines yet; for {gpu.name} build them with: " + \
             rebuild_command(source, bundle.root, gpu.sm, bundle.precision)
@@ -130,6 +132,22 @@ def _bundle_entry(path: Path, gpus: list, sw: dict) -> dict:
                                     source=source, bundle=str(bundle.root))
     entry.update(backend=choice, backend_reason=reason)
     return entry
+
+
+def _memory(bundle, gpu) -> dict:
+    """What the runtime will do with this GPU's memory at the bundle's default size: the same plan (the bundle's
+    real bytes per component) that decides low-VRAM staging when it generates."""
+    from app.planning.components import bundle_plan
+    from app.planning.gpus import gpu_spec_from_info
+
+    d = bundle.defaults
+    try:
+        p = bundle_plan(bundle, gpu_spec_from_info(gpu), d["width"], d["height"])
+    except EdgegenError as e:
+        return {"error": str(e)}
+    return {"size": f"{d['width']}x{d['height']}", "peak_gib": round(p.peak_bytes / GIB, 2),
+            "usable_gib": round((p.usable_bytes or 0) / GIB, 2), "strategy": p.strategy, "does": p.staging_text(),
+            "notes": list(p.notes)}
 
 
 def _disk(paths: list[Path]) -> list[dict]:

@@ -75,6 +75,11 @@ def _bundles(c: Console, r: dict) -> None:
                 c.print(f"      fix: {eng['fix']}", markup=False, soft_wrap=True)
         if e.get("engine_hint"):
             c.print(f"    {e['engine_hint']}", markup=False, soft_wrap=True)
+        mem = e.get("memory")
+        if mem and "error" not in mem:
+            c.print(f"    memory at {mem['size']}: peak {mem['peak_gib']} of {mem['usable_gib']} GiB usable — "
+                    f"{mem['does']}" + ("" if mem["strategy"] != "does-not-fit" else f" ({' '.join(mem['notes'])})"),
+                    markup=False, soft_wrap=True)
 
 
 def _signing(c: Console, s: dict) -> None:
