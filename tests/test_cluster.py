@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 ROWS = int(os.environ.get("EDGEGEN_CLUSTER_TEST_ROWS", "100"))
 STEPS = 2
+DRAIN_ROWS = 12
 
 
 # ----- pure parts: bundle per SM, settings ----------------------------------------------------------------------
@@ -161,10 +162,15 @@ def test_hundred_rows_on_two_replicas_survive_a_killed_replica_with_no_network(d
 
     # Every row completed, each exactly once, although a replica died under one of them.
     assert out["batch"] == {"done": ROWS, "failed": 0, "skipped": 0}
-    assert out["jobs"] == {"success": ROWS}
-    assert out["images_per_job"] == [1] and out["png_files"] == ROWS
+    assert out["jobs"] == {"success": ROWS + DRAIN_ROWS}
+    assert out["images_per_job"] == [1] and out["png_files"] == ROWS + DRAIN_ROWS
     assert out["successes_per_job"] == [1]
-    assert out["api_audit_records"] == ROWS and out["api_audit_unique_jobs"] == ROWS
+    assert out["api_audit_records"] == ROWS + DRAIN_ROWS and out["api_audit_unique_jobs"] == ROWS + DRAIN_ROWS
+    # Draining the worker node: the job its replica was running completes there; no new job starts there.
+    d = out["drain"]
+    assert d["accepted"] and d["busy_job"] and d["batch"] == {"done": DRAIN_ROWS, "failed": 0}
+    assert d["busy_job_status"] == "success" and d["busy_job_replica"] == d["replica_pid"]
+    assert d["started_on_drained_node_after"] == []
     assert out["killed"]["pid"] and out["killed"]["job"] in out["requeued_jobs"]
     assert out["killed"]["pid"] not in out["replica_pids_after"]  # Ray restarted it as a new process
     assert len(out["replicas_that_generated"]) >= 2  # both nodes' replicas did work
@@ -223,6 +229,43 @@ def _listening_addresses() -> list[str]:
     return sorted(set(out))
 
 
+def rows_for(path: Path, n: int, first: int) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sku", "shape", "colour", "background", "seed"])
+        for i in range(first, first + n):
+            w.writerow([f"SKU-{i:04d}", "circle", "red", "blue", i])
+    return path
+
+
+def drain_phase(cluster, pool, url: str, rows: Path, workflow: Path) -> dict:
+    """Drain the worker node while its replica runs a job: that job completes, the node takes no new one."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from app.server.batch import run_batch
+
+    node = next(iter(cluster._cluster.worker_nodes))
+    drained = next(w for w in pool.workers if w.info and w.info["node_id"] == node.node_id)
+    out: dict = {"replica_pid": drained.info["pid"]}
+    batch: dict = {}
+    t = threading.Thread(target=lambda: batch.update(res=run_batch(rows, workflow, server=url, concurrency=4,
+                                                                    say=lambda m: None, show_progress=False)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while not drained.running() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    out["busy_job"] = drained.running()
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    out["accepted"] = bool(gcs.drain_node(node.node_id, reason, "edgegen test: maintenance", 0)[0])
+    out["drained_at"] = time.time()
+    t.join(300)
+    res = batch["res"]
+    out["batch"] = {"done": res.done, "failed": res.failed}
+    return out
+
+
 def scenario(bundle: Path, tmp: Path) -> dict:
     from app import offline
     from app.cluster import guard
@@ -240,12 +283,7 @@ def scenario(bundle: Path, tmp: Path) -> dict:
     from test_server_helpers import DOCS
     from test_server_helpers import server_config as base_config
 
-    rows = tmp / "rows.csv"
-    with open(rows, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sku", "shape", "colour", "background", "seed"])
-        for i in range(ROWS):
-            w.writerow([f"SKU-{i:03d}", "circle", "red", "blue", i])
+    rows = rows_for(tmp / "rows.csv", ROWS, 0)
     graph = json.loads((DOCS / "catalogue_workflow.json").read_text())
     graph["3"]["inputs"]["steps"] = STEPS
     workflow = tmp / "workflow.json"
@@ -285,9 +323,10 @@ def scenario(bundle: Path, tmp: Path) -> dict:
             result["replica_pids_after"] = [w.info["pid"] for w in pool.workers if w.info]
             result["guard_in_replicas"] = [bool(w.info and w.info["guard"]) for w in pool.workers]
             result["listening"] = _listening_addresses()
-            worker_pids = []
-            for w in pool.workers:
-                worker_pids.append(w.info["pid"])
+            worker_pids = [w.info["pid"] for w in pool.workers]
+            result["drain"] = drain_phase(cluster, pool, server.url, rows_for(tmp / "rows2.csv", DRAIN_ROWS, 1000),
+                                          workflow)
+            worker_pids += [w.info["pid"] for w in pool.workers]
         q = JobQueue(cfg.db_path)
         jobs = q.jobs(("success", "error", "interrupted", "pending", "running"))
         result["jobs"] = {s: sum(1 for j in jobs if j.status == s) for s in {j.status for j in jobs}}
@@ -302,6 +341,15 @@ def scenario(bundle: Path, tmp: Path) -> dict:
     result["api_audit_records"] = len(api)
     result["api_audit_unique_jobs"] = len({a["prompt_id"] for a in api})
     result["replicas_that_generated"] = sorted({a["replica_pid"] for a in api})
+    d = result["drain"]
+    by_job = {a["prompt_id"]: a["replica_pid"] for a in api}
+    q = JobQueue(cfg.db_path)
+    busy = q.get(d["busy_job"]) if d["busy_job"] else None
+    d["busy_job_status"] = busy.status if busy else None
+    d["busy_job_replica"] = by_job.get(d["busy_job"])
+    d["started_on_drained_node_after"] = [
+        j.id for j in q.jobs(("success",)) if by_job.get(j.id) == d["replica_pid"] and j.started > d["drained_at"] + 0.5]
+    q.close()
     result["network_log"] = guard.read_network_log(tmp / "network.jsonl")
     result["ray_pids"] = node_pids + worker_pids
     return result

@@ -128,7 +128,7 @@ class ReplicaWorker(Worker):
 class WorkerPool:
     """The object the server drives like its one Worker (start, stop, wake, interrupt, running)."""
 
-    def __init__(self, queue, config, publish, replicas: list, ping_timeout: float = 2.0, drain_poll_s: float = 1.0):
+    def __init__(self, queue, config, publish, replicas: list, ping_timeout: float = 2.0, drain_poll_s: float = 0.0):
         self.ping_timeout, self.drain_poll_s = ping_timeout, drain_poll_s
         self.workers = [ReplicaWorker(queue, config, publish, r, i, self) for i, r in enumerate(replicas)]
         self._draining: set[str] = set()
@@ -167,7 +167,7 @@ class WorkerPool:
         return next((r for w in self.workers if (r := w.running())), None)
 
     def draining(self, node_id: str | None) -> bool:
-        """Whether Ray is draining this node (GCS state, polled at most every drain_poll_s)."""
+        """Whether Ray is draining this node (asked of the GCS before each claim unless drain_poll_s caches it)."""
         now = time.monotonic()
         with self._lock:
             if now - self._drain_checked >= self.drain_poll_s:
