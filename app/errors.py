@@ -67,10 +67,8 @@ def write_report(exc: BaseException, argv: list[str] | None = None, context: str
     import os
     import platform
     import sys
-    import tempfile
     import time
     import traceback
-    from pathlib import Path
 
     try:
         from app import __version__
@@ -86,19 +84,10 @@ def write_report(exc: BaseException, argv: list[str] | None = None, context: str
                  "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
                  *traceback.format_exception(type(exc), exc, exc.__traceback__)]
         text = "\n".join(ln for ln in lines if ln is not None).encode("utf-8", "backslashreplace")
-        folder = log_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
-        fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from app.atomic import atomic_write_bytes
+
+        path = log_dir() / f"report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        atomic_write_bytes(path, text)
         return path
     except Exception:  # noqa: BLE001  (disk full, read-only home: the one line still gets printed)
         return None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
+from app.atomic import atomic_write_bytes  # noqa: F401  (re-exported: every writer imports it from here)
 from app.errors import BundleError
 
 _CHUNK = 8 * 1024 * 1024
@@ -19,26 +19,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data) -> tuple[str, int]:
-    """Write bytes-like `data` to a temporary file in the same directory, fsync, then rename over the target.
-
-    Returns (sha256, size) of what was written, so callers record the checksum of the very bytes on disk."""
-    path = Path(path)
-    view = memoryview(data).cast("B")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(view)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return hashlib.sha256(view).hexdigest(), view.nbytes
 
 
 def inside(root: Path, rel: str) -> Path:
