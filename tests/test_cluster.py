@@ -274,14 +274,15 @@ def scenario(bundle: Path, tmp: Path) -> dict:
     os.environ["EDGEGEN_AUDIT_LOG"] = str(tmp / "node-audit.jsonl")  # the replicas' node audit log
     offline.enforce_offline(log=guard._sink)  # as the CLI does first
 
+    from test_server_helpers import DOCS
+    from test_server_helpers import server_config as base_config
+
     from app.cluster.closed import connect
     from app.cluster.local import LocalCluster
     from app.cluster.run import ClusterSettings, pool_factory, server_config
     from app.server.batch import run_batch
     from app.server.queue import JobQueue
     from app.server.run import ServerThread
-    from test_server_helpers import DOCS
-    from test_server_helpers import server_config as base_config
 
     rows = rows_for(tmp / "rows.csv", ROWS, 0)
     graph = json.loads((DOCS / "catalogue_workflow.json").read_text())

@@ -52,7 +52,7 @@ def pick_bundle(name: str, wanted: Mapping[str, Any], candidates: Sequence[Path]
     for path in candidates:
         try:
             manifest, _ = read_manifest(path)
-        except Exception:  # an unreadable bundle is not a candidate; load_bundle reports it if it is chosen
+        except Exception:  # noqa: BLE001, S112 - an unreadable bundle is not a candidate
             continue
         if identity(manifest) != dict(wanted):
             continue

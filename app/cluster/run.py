@@ -44,21 +44,18 @@ class ClusterSettings:
                                    node_ip=node_ip)
 
 
-def _ray():
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is None:
-        raise UsageError("--cluster needs Ray; install it with: pip install 'edgegen[cluster]'")
-    import ray
-
-    return ray
-
-
 def _check_ray_installed() -> None:
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
         raise UsageError("--cluster needs Ray; install it with: pip install 'edgegen[cluster]'")
+
+
+def _ray():
+    _check_ray_installed()
+    import ray
+
+    return ray
 
 
 def replica_count(settings: ClusterSettings) -> tuple[int, bool]:
