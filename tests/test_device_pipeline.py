@@ -53,6 +53,33 @@ def _run_fake(pipe: Pipeline, req: GenerationRequest):
     with FakeTensorMode(allow_non_fake_inputs=True):
         return pipe.execute(job), job
 
+def mutate_every_move(bundle, req, monkeypatch) -> list[tuple]:
+    """Skip each `Pipeline.to_device` call in turn; every skipped move must end in a device error.
+    Returns the shapes moved in the unmutated run."""
+    calls = []
+    original = Pipeline.to_device
+
+    def counting(self, t):
+        calls.append(tuple(t.shape))
+        return original(self, t)
+
+    monkeypatch.setattr(Pipeline, "to_device", counting)
+    _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
+    moved = list(calls)
+    for skip in range(len(moved)):
+        seen = []
+
+        def skipping(self, t, skip=skip):
+            seen.append(t)
+            return t if len(seen) - 1 == skip else original(self, t)
+
+        monkeypatch.setattr(Pipeline, "to_device", skipping)
+        with pytest.raises(Exception) as err:
+            _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
+        assert "cuda" in str(err.value).lower() or "device" in str(err.value).lower(), (skip, err.value)
+    return moved
+
+
 
 @pytest.mark.parametrize("family,cfg,w,h", CASES)
 def test_pipeline_stays_on_the_device_end_to_end(bundles, family, cfg, w, h):
@@ -85,28 +112,8 @@ def test_removing_any_host_to_device_move_fails(bundles, family, cfg, w, h, monk
     """Mutation check: skip each `.to(device)` of the pipeline in turn; every one of them must be needed."""
     bundle = _bundle(bundles[family], distilled=(not cfg) if family == "klein" else None)
     req = _request(family, cfg, w, h)
-    calls = []
-    original = Pipeline.to_device
-
-    def counting(self, t):
-        calls.append(tuple(t.shape))
-        return original(self, t)
-
-    monkeypatch.setattr(Pipeline, "to_device", counting)
-    _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
-    moves = len(calls)
-    assert moves >= 4  # tokens, noise, position ids at least
-    for skip in range(moves):
-        seen = []
-
-        def skipping(self, t, skip=skip):
-            seen.append(t)
-            return t if len(seen) - 1 == skip else original(self, t)
-
-        monkeypatch.setattr(Pipeline, "to_device", skipping)
-        with pytest.raises(Exception) as err:
-            _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
-        assert "cuda" in str(err.value).lower() or "device" in str(err.value).lower(), (skip, err.value)
+    moves = mutate_every_move(bundle, req, monkeypatch)
+    assert len(moves) >= 4  # tokens, noise, position ids at least
 
 
 def test_low_vram_staging_releases_text_encoders_before_denoise(bundles):
@@ -225,27 +232,8 @@ def test_removing_any_host_to_device_move_fails_with_images(image_bundles, tmp_p
     """The mutation check with images: each reference / init image and the posterior noise must be moved."""
     bundle = _bundle(image_bundles[family], distilled=(not cfg) if family == "klein" else None)
     req = _image_request(tmp_path, family, cfg, sizes, out)
-    calls = []
-    original = Pipeline.to_device
-
-    def counting(self, t):
-        calls.append(tuple(t.shape))
-        return original(self, t)
-
-    monkeypatch.setattr(Pipeline, "to_device", counting)
-    _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
-    assert sum(len(s) == 4 and s[1] == 3 for s in calls) == len(sizes)  # every image moved once
-    for skip in range(len(calls)):
-        seen = []
-
-        def skipping(self, t, skip=skip):
-            seen.append(t)
-            return t if len(seen) - 1 == skip else original(self, t)
-
-        monkeypatch.setattr(Pipeline, "to_device", skipping)
-        with pytest.raises(Exception) as err:
-            _run_fake(make_pipeline(bundle, StandInEngineBackend(bundle)), req)
-        assert "cuda" in str(err.value).lower() or "device" in str(err.value).lower(), (skip, err.value)
+    moved = mutate_every_move(bundle, req, monkeypatch)
+    assert sum(len(sh) == 4 and sh[1] == 3 for sh in moved) == len(sizes)  # every image moved once
 
 
 def test_low_vram_releases_the_encoder_before_denoise(image_bundles, tmp_path):
