@@ -41,6 +41,9 @@ OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DISABLE_TELEMETRY": "1",  # older diffusers/transformers spelling
     "DO_NOT_TRACK": "1",
+    # ONNX Runtime 1.32's native (C++) telemetry looks up mobile.events.data.microsoft.com when sessions run,
+    # out of the Python guard's sight (seen with strace, tests/test_cluster.py); this switch stops it.
+    "ORT_DISABLE_TELEMETRY": "1",
     "HF_HUB_DISABLE_UPDATE_CHECK": "1",
     "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
     # hf_xet moves bytes in Rust where the audit hook cannot see it; without it the hub uses Python HTTP.
