@@ -9,8 +9,8 @@ others out.
 
     python -m benchmarks.export_memory --model DIR --out BUNDLE [--min-size 256 --max-size 1024] [--json F]
 
-Component bytes = the FP32 bytes of the module the exporter loads (parameters + persistent buffers, read
-from the safetensors headers; the exporter loads everything in FP32). Ratios are reported two ways:
+Component bytes = the bytes of the module the exporter loads (parameters + persistent buffers, read from the
+safetensors headers), at 4 bytes an element for --precision fp32 and 2 for bf16 (loaded in BF16, never widened). Ratios are reported two ways:
 peak RSS / bytes (what the acceptance goal of <= 1.5x is about) and (peak - RSS before loading) / bytes,
 which takes out the ~0.5-1 GB of interpreter, torch and ONNX libraries that every component pays.
 """
@@ -31,7 +31,8 @@ from pathlib import Path
 GIB = 2**30
 COMPONENT_LINE = re.compile(r"^\[(?P<name>[a-z0-9_]+)\] (?P<what>\S+)")
 SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
-           "transformer": "transformer", "vae_decoder": "vae"}
+           "transformer": "transformer", "vae_encoder": "vae", "vae_decoder": "vae"}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def safetensors_bytes(folder: Path, as_dtype_bytes: int | None = 4) -> int:
@@ -177,8 +178,10 @@ def measure(cmd: list[str], poll_s: float = 0.02, min_available: int = 2 * GIB, 
     return Result(proc.returncode, end, peak, phases, state["aborted"], tail)
 
 
-def component_bytes(model: Path) -> dict[str, int]:
-    return {name: safetensors_bytes(model / src) for name, src in SOURCES.items() if (model / src).is_dir()}
+def component_bytes(model: Path, precision: str = "fp32") -> dict[str, int]:
+    """Bytes of each component as the exporter loads it: 4 a float element in FP32, 2 in BF16/FP16."""
+    return {name: safetensors_bytes(model / src, ELEMENT_BYTES[precision]) for name, src in SOURCES.items()
+            if (model / src).is_dir()}
 
 
 def onnx_bytes(bundle: Path, name: str) -> int:
@@ -187,7 +190,7 @@ def onnx_bytes(bundle: Path, name: str) -> int:
 
 
 def table(result: Result, sizes: dict[str, int], bundle: Path) -> str:
-    rows = ["| phase | loaded FP32 GiB | ONNX GiB | wall s | RSS before GiB | peak RSS GiB | peak / bytes | "
+    rows = ["| phase | loaded GiB | ONNX GiB | wall s | RSS before GiB | peak RSS GiB | peak / bytes | "
             "(peak - before) / bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in result.phases:
         if p.wall_s < 0.05 and not sizes.get(p.name):
@@ -216,16 +219,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-size", default="1024")
     p.add_argument("--min-available-gib", type=float, default=1.5)
     p.add_argument("--json", type=Path)
+    p.add_argument("--precision", choices=sorted(ELEMENT_BYTES), default="fp32",
+                   help="export --precision (bf16: every component in BF16; component bytes count 2 per element)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--code", type=Path, help="run the edgegen source tree here instead (e.g. an older commit "
                    "unpacked with `git archive REV app export | tar -x -C DIR`), for before/after numbers")
     a = p.parse_args(argv)
     prefix = ([sys.executable, "-c", "from app.cli import entrypoint; entrypoint()"] if a.code else edgegen_cmd())
     cmd = prefix + ["export", "--model", str(a.model), "--out", str(a.out), "--min-size", a.min_size,
-                    "--max-size", a.max_size, "--overwrite"]
+                    "--max-size", a.max_size, "--overwrite", "--precision", a.precision]
     env = {"PYTHONPATH": str(a.code.absolute())} if a.code else None
     print("$", ("PYTHONPATH=" + env["PYTHONPATH"] + " " if env else "") + " ".join(cmd), flush=True)
-    sizes = component_bytes(a.model)
+    sizes = component_bytes(a.model, a.precision)
     result = measure(cmd, min_available=int(a.min_available_gib * GIB), echo=None if a.quiet else print, env=env)
     print(table(result, sizes, a.out))
     if result.returncode:

@@ -65,8 +65,8 @@ def _chunks(model: nn.Module, prefix: str = ""):
         if isinstance(child, nn.ModuleList):
             for i, item in enumerate(child):
                 yield f"{prefix}{name}.{i}.", item, True
-        else:
-            yield f"{prefix}{name}.", child, True
+        else:  # recurse: a wrapper such as Qwen3ForCausalLM.model holds the block list one level down
+            yield from _chunks(child, f"{prefix}{name}.")
 
 
 def _init_(name: str, t: torch.Tensor, seed: int) -> None:

@@ -179,7 +179,7 @@ CASES = [
         "num_hidden_layers = 20"),
     # ---------------------------------------------------------------- export: options
     Case("export-precision-unknown", lambda c: c.export("--precision", "int3"), 2, "int3"),
-    Case("export-precision-bf16", lambda c: c.export("--precision", "bf16"), 2, "not available yet"),
+    Case("export-precision-fp16", lambda c: c.export("--precision", "fp16"), 2, "cannot be exported in FP16"),
     Case("export-text-fp16", lambda c: c.export("--text-encoder-precision", "fp16"), 2, "T5 overflows"),
     Case("export-size-not-multiple", lambda c: c.export("--min-size", "30"), 2, "multiples of 4"),
     Case("export-min-above-max", lambda c: c.export("--min-size", "256", "--max-size", "64"), 2, "min <= max"),

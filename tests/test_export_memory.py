@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
-# Peak RSS above the pre-export baseline, per FP32 weight byte. One copy + transients measures ~1.1-1.2;
+# Peak RSS above the pre-export baseline, per weight byte as loaded. One copy + transients measures ~1.1-1.2;
 # holding a second copy anywhere (module during write or check, eager transposes, prepacked ORT weights) >= 2.
 MAX_RATIO = 1.5
+# BF16: the module is loaded in BF16 and never widened as a whole (references through per-module FP32 hooks,
+# the check through the FP32 twin whose weight casts run one at a time), so the bound is the real-size goal.
+MAX_RATIO_BF16 = 1.3
 
 CHILD = r"""
 import json, sys
@@ -60,44 +63,52 @@ t1 = time.monotonic()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM to the current RSS
 before = status()["VmRSS"]
-entry, _ = export_one(folder, folder.family.component("transformer"), out / "transformer", progress=lambda m: None)
+entry, _ = export_one(folder, folder.family.component("transformer"), out / "transformer", progress=lambda m: None,
+                      precision=sys.argv[3])
 print(json.dumps({"before": before, "peak": status()["VmHWM"], "parameters": entry["parameters"],
                   "warmup_s": t1 - t0, "export_s": time.monotonic() - t1,
                   "cosine": entry["fidelity"]["cosine"],
                   "files": sorted(p.name for p in (out / "transformer").iterdir())}))
+
 """
 
 
-@pytest.fixture(scope="module")
-def wide_klein(tmp_path_factory) -> Path:
-    """A model folder holding only the transformer (all the export step reads)."""
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def wide_klein(request, tmp_path_factory) -> tuple[Path, str]:
+    """A model folder holding only the transformer (all the export step reads), stored in the dtype it is
+    exported in (the released models ship BF16), and that precision."""
     import torch
     from diffusers import Flux2Transformer2DModel
 
-    folder = tmp_path_factory.mktemp("models") / "wide-klein"
+    folder = tmp_path_factory.mktemp("models") / f"wide-klein-{request.param}"
     torch.manual_seed(0)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128,
         num_attention_heads=12, joint_attention_dim=96, timestep_guidance_channels=256,
         axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False,
     )
+    if request.param == "bf16":
+        transformer = transformer.to(torch.bfloat16)
     transformer.save_pretrained(folder / "transformer", safe_serialization=True)
     (folder / "model_index.json").write_text(json.dumps(
         {"_class_name": "Flux2KleinPipeline", "transformer": ["diffusers", "Flux2Transformer2DModel"]}))
-    return folder
+    return folder, request.param
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_transformer_export_peaks_near_one_copy(wide_klein, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(wide_klein), str(tmp_path)], capture_output=True,
+    folder, precision = wide_klein
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tmp_path), precision], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    weight_bytes = r["parameters"] * 4
+    weight_bytes = r["parameters"] * (2 if precision == "bf16" else 4)
+    bound = MAX_RATIO_BF16 if precision == "bf16" else MAX_RATIO
     ratio = (r["peak"] - r["before"]) / weight_bytes
-    print(f"transformer {weight_bytes / 2**20:.0f} MiB FP32: peak {r['peak'] / 2**20:.0f} MiB, baseline "
+    print(f"transformer {weight_bytes / 2**20:.0f} MiB {precision.upper()}: peak {r['peak'] / 2**20:.0f} MiB, baseline "
           f"{r['before'] / 2**20:.0f} MiB, (peak - baseline) / bytes = {ratio:.2f}; warm-up {r['warmup_s']:.1f}s, "
           f"export {r['export_s']:.1f}s")
     assert "model.onnx.data" in r["files"], "a component this size must use ONNX external data"
+    assert "model.fp32.onnx" in r["files"] or precision == "fp32"  # the BF16 check's twin (removed at commit)
     assert r["cosine"] > 0.9999
-    assert ratio <= MAX_RATIO, f"export held {ratio:.2f} copies of the weights at its peak (bound {MAX_RATIO})"
+    assert ratio <= bound, f"export held {ratio:.2f} copies of the weights at its peak (bound {bound})"
