@@ -162,7 +162,7 @@ def test_hundred_rows_on_two_replicas_survive_a_killed_replica_with_no_network(d
 
     # Every row completed, each exactly once, although a replica died under one of them.
     assert out["batch"] == {"done": ROWS, "failed": 0, "skipped": 0}
-    assert out["jobs"] == {"success": ROWS + DRAIN_ROWS}
+    assert out["jobs"] == {"success": ROWS + DRAIN_ROWS, "interrupted": 1}
     assert out["images_per_job"] == [1] and out["png_files"] == ROWS + DRAIN_ROWS
     assert out["successes_per_job"] == [1]
     assert out["api_audit_records"] == ROWS + DRAIN_ROWS and out["api_audit_unique_jobs"] == ROWS + DRAIN_ROWS
@@ -171,7 +171,13 @@ def test_hundred_rows_on_two_replicas_survive_a_killed_replica_with_no_network(d
     assert d["accepted"] and d["busy_job"] and d["batch"] == {"done": DRAIN_ROWS, "failed": 0}
     assert d["busy_job_status"] == "success" and d["busy_job_replica"] == d["replica_pid"]
     assert d["started_on_drained_node_after"] == []
-    assert out["killed"]["pid"] and out["killed"]["job"] in out["requeued_jobs"]
+    # /interrupt stops the job on its replica between steps, as it does without a cluster.
+    i = out["interrupt"]
+    assert i["answered"] == {"interrupted": True} and "execution_interrupted" in i["events"] and not i["outputs"]
+    # The job replica 0 ran when its process died (the one seen running, or the next, if it finished first) went
+    # back to the queue once, saying why, and then completed on a replica.
+    assert out["killed"]["pid"] and len(out["requeued_jobs"]) == 1
+    assert "replica 0" in out["requeue_reasons"][0] and "stopped while generating" in out["requeue_reasons"][0]
     assert out["killed"]["pid"] not in out["replica_pids_after"]  # Ray restarted it as a new process
     assert len(out["replicas_that_generated"]) >= 2  # both nodes' replicas did work
     assert out["guard_in_replicas"] == [True, True]
@@ -266,6 +272,24 @@ def drain_phase(cluster, pool, url: str, rows: Path, workflow: Path) -> dict:
     return out
 
 
+def interrupt_phase(pool, url: str) -> dict:
+    """POST /interrupt reaches the replica running the job: it stops between steps, the job is interrupted."""
+    import requests
+    from test_server_helpers import t2i_graph, wait_history
+
+    job = requests.post(f"{url}/prompt", json={"prompt": t2i_graph(seed=5, steps=100, prefix="long")},
+                        timeout=30).json()["prompt_id"]
+    deadline = time.monotonic() + 60
+    while pool.running() != job and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # some steps in
+    started = time.monotonic()
+    answered = requests.post(f"{url}/interrupt", json={"prompt_id": job}, timeout=30).json()
+    h = wait_history(url, job, timeout=60)
+    return {"answered": answered, "events": [m[0] for m in h["status"]["messages"]],
+            "seconds_to_stop": round(time.monotonic() - started, 2), "outputs": h["outputs"]}
+
+
 def scenario(bundle: Path, tmp: Path) -> dict:
     from app import offline
     from app.cluster import guard
@@ -328,13 +352,16 @@ def scenario(bundle: Path, tmp: Path) -> dict:
             result["drain"] = drain_phase(cluster, pool, server.url, rows_for(tmp / "rows2.csv", DRAIN_ROWS, 1000),
                                           workflow)
             worker_pids += [w.info["pid"] for w in pool.workers]
+            result["interrupt"] = interrupt_phase(pool, server.url)
         q = JobQueue(cfg.db_path)
         jobs = q.jobs(("success", "error", "interrupted", "pending", "running"))
         result["jobs"] = {s: sum(1 for j in jobs if j.status == s) for s in {j.status for j in jobs}}
-        result["images_per_job"] = sorted({sum(len(v) for v in q.images(j.id).values()) for j in jobs})
+        done = [j for j in jobs if j.status == "success"]
+        result["images_per_job"] = sorted({sum(len(v) for v in q.images(j.id).values()) for j in done})
         result["successes_per_job"] = sorted({sum(1 for m in j.messages if m[0] == "execution_success")
-                                              for j in jobs})
+                                              for j in done})
         result["requeued_jobs"] = [j.id for j in jobs if any(m[0] == "execution_requeued" for m in j.messages)]
+        result["requeue_reasons"] = [m[1]["reason"] for j in jobs for m in j.messages if m[0] == "execution_requeued"]
         q.close()
     result["png_files"] = len(list((cfg.output_dir / "catalogue").glob("*.png")))
     audit = [json.loads(line) for line in cfg.audit_path.read_text().splitlines()]
