@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from app import __version__
+from app.argtypes import whole
 from app.errors import EdgegenError, UsageError, one_line, write_report
 
 
@@ -19,24 +20,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see: {self.prog} --help)")
 
 
-def _size(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number of pixels") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{v} must be a positive number of pixels")
-    return v
-
-
-def _count(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+_size = whole(1, what="whole number of pixels")
+_count = whole(1)
 
 
 def _finite(value: str) -> float:

@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"core", "bundle", "planning", "models", "runtime"},
     "cli": {"core", "bundle", "planning", "models", "runtime", "site", "ui", "server", "cluster", "export"},
 }
-CORE = {"app", "app.atomic", "app.errors", "app.offline", "app.progress"}
+CORE = {"app", "app.argtypes", "app.atomic", "app.errors", "app.offline", "app.progress"}
 
 
 def part_of(module: str) -> str | None:

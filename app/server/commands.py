@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
+from app.argtypes import whole
 from app.errors import UsageError
 
 
@@ -45,24 +45,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--output", type=Path, help="in-process only: folder for generated images")
 
 
-def _port(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a port number") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{v} is not a port number (0-65535; 0 picks a free one)")
-    return v
-
-
-def _positive(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+_port = whole(0, 65535, "port number", " (0 picks a free one)")
+_positive = whole(1)
 
 
 def _server_deps() -> None:
