@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-size", default="1024")
     p.add_argument("--min-available-gib", type=float, default=1.5)
     p.add_argument("--json", type=Path)
+    p.add_argument("--accept-low-fidelity", action="store_true",
+                   help="passed to export: random weights at real depth are no fidelity test (docs/PERFORMANCE.md)")
     p.add_argument("--precision", choices=sorted(ELEMENT_BYTES), default="fp32",
                    help="export --precision (bf16: every component in BF16; component bytes count 2 per element)")
     p.add_argument("--quiet", action="store_true")
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     prefix = ([sys.executable, "-c", "from app.cli import entrypoint; entrypoint()"] if a.code else edgegen_cmd())
     cmd = prefix + ["export", "--model", str(a.model), "--out", str(a.out), "--min-size", a.min_size,
-                    "--max-size", a.max_size, "--overwrite", "--precision", a.precision]
+                    "--max-size", a.max_size, "--overwrite", "--precision", a.precision] + (["--accept-low-fidelity"] if a.accept_low_fidelity else [])
     env = {"PYTHONPATH": str(a.code.absolute())} if a.code else None
     print("$", ("PYTHONPATH=" + env["PYTHONPATH"] + " " if env else "") + " ".join(cmd), flush=True)
     sizes = component_bytes(a.model, a.precision)

@@ -20,6 +20,10 @@ GiB = 2**30
 # Peak RSS growth of a one-component FP32 export over that component's FP32 weight bytes: measured 1.03 for
 # the full-size Klein 4B transformer (docs/PERFORMANCE.md; small components add a fixed ~0.6-0.8 GiB instead).
 EXPORT_PEAK_RATIO = 1.1
+# The same for a component exported in BF16/FP16 over its BF16 bytes: measured 1.22 (Qwen3-4B) and 1.16 (Klein 4B
+# transformer) at real size (docs/PERFORMANCE.md, "BF16 at real size"): the FP32 reference hooks, the trace and
+# ONNX Runtime's run of the FP32 twin each add transients next to the one BF16 copy.
+HALF_EXPORT_PEAK_RATIO = 1.25
 PROCESS_BASE = 1 * GiB  # torch, diffusers, transformers and ONNX Runtime imported, before any weights
 DISK_MARGIN = 64 * 2**20  # tokenizers, scheduler, manifest, file-system slack
 ENGINE_RATIO = 1.25  # engine bytes over ONNX bytes (TensorRT-RTX FP32: 32 MB engine from a 26.5 MB graph)
@@ -217,7 +221,9 @@ def memory_estimate(folder, precision: str, fp8_encoders: tuple[str, ...],
     loaded and written in: a BF16 component is never widened as a whole, export/bf16.py); FP8 calibration
     opens the whole FP32 bundle in ONNX Runtime and ModelOpt holds about two copies of the graph it quantizes."""
     fp32 = _fp32_bytes(folder, precisions)
-    peak = EXPORT_PEAK_RATIO * max(fp32.values(), default=0)
+    half = {n for n, p in (precisions or {}).items() if p in ("bf16", "fp16")}
+    peak = max((b * (HALF_EXPORT_PEAK_RATIO if n in half else EXPORT_PEAK_RATIO) for n, b in fp32.items()),
+               default=0)
     quantized = [n for n in fp32 if n in fp8_encoders or (precision == "fp8" and n == "transformer")]
     if quantized:
         peak = max(peak, sum(fp32.values()) + 2 * max(fp32[n] for n in quantized))

@@ -217,4 +217,5 @@ def test_memory_estimate_counts_bf16_components_at_two_bytes(klein_model):
     names = ["text_encoder", "transformer", "vae_decoder"]
     fp32 = preflight.memory_estimate(folder, "fp32", (), {n: "fp32" for n in names}) - preflight.PROCESS_BASE
     bf16 = preflight.memory_estimate(folder, "bf16", (), {n: "bf16" for n in names}) - preflight.PROCESS_BASE
-    assert abs(bf16 * 2 - fp32) <= 2
+    # half the bytes, at the ratio measured for BF16 at real size (docs/PERFORMANCE.md)
+    assert abs(bf16 - fp32 / 2 * preflight.HALF_EXPORT_PEAK_RATIO / preflight.EXPORT_PEAK_RATIO) <= 2

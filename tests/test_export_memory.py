@@ -22,8 +22,12 @@ import pytest
 # holding a second copy anywhere (module during write or check, eager transposes, prepacked ORT weights) >= 2.
 MAX_RATIO = 1.5
 # BF16: the module is loaded in BF16 and never widened as a whole (references through per-module FP32 hooks,
-# the check through the FP32 twin whose weight casts run one at a time), so the bound is the real-size goal.
-MAX_RATIO_BF16 = 1.3
+# the check through the FP32 twin whose weight casts wait for their activation). At real size that measures
+# 1.22 (Qwen3-4B) and 1.16 (Klein 4B transformer) above the baseline, 1.27-1.28 in all (docs/PERFORMANCE.md,
+# the 1.3x goal). At this size (258 MiB) about 0.3 GiB that does not scale with the weights (ONNX Runtime's run
+# of the twin, the exporter's graph objects) dominates: measured 2.33-2.36. A second copy of the weights held
+# anywhere adds 1.0 and fails the bound.
+MAX_RATIO_BF16 = 2.8
 
 CHILD = r"""
 import json, sys
@@ -59,6 +63,11 @@ lin = torch.nn.Linear(8, 4).eval()
 with torch.no_grad():
     ref = {"y": lin(sample["x"]).numpy()}
 _check(spec, save_component(trace_component(spec, lin, sample), spec, out / "warm", True), [sample], [ref])
+if len(sys.argv) > 4:  # BF16: the whole path once on a 1-head model (BF16 kernels, hooks, twin session) first
+    warm = Path(sys.argv[4])
+    export_one(ModelFolder(warm, read_model_index(warm), FLUX2_KLEIN), FLUX2_KLEIN.component("transformer"),
+               out / "warm-transformer", progress=lambda m: None, precision=sys.argv[3])
+    import gc; gc.collect()
 t1 = time.monotonic()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM to the current RSS
@@ -80,25 +89,27 @@ def wide_klein(request, tmp_path_factory) -> tuple[Path, str]:
     import torch
     from diffusers import Flux2Transformer2DModel
 
-    folder = tmp_path_factory.mktemp("models") / f"wide-klein-{request.param}"
+    root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128,
-        num_attention_heads=12, joint_attention_dim=96, timestep_guidance_channels=256,
-        axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False,
-    )
-    if request.param == "bf16":
-        transformer = transformer.to(torch.bfloat16)
-    transformer.save_pretrained(folder / "transformer", safe_serialization=True)
-    (folder / "model_index.json").write_text(json.dumps(
-        {"_class_name": "Flux2KleinPipeline", "transformer": ["diffusers", "Flux2Transformer2DModel"]}))
-    return folder, request.param
+    for name, heads in (("wide-klein", 12), ("warm-klein", 1)):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=heads, joint_attention_dim=96, timestep_guidance_channels=256,
+            axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False,
+        )
+        if request.param == "bf16":
+            transformer = transformer.to(torch.bfloat16)
+        transformer.save_pretrained(root / name / "transformer", safe_serialization=True)
+        (root / name / "model_index.json").write_text(json.dumps(
+            {"_class_name": "Flux2KleinPipeline", "transformer": ["diffusers", "Flux2Transformer2DModel"]}))
+    return root / "wide-klein", request.param
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_transformer_export_peaks_near_one_copy(wide_klein, tmp_path):
     folder, precision = wide_klein
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tmp_path), precision], capture_output=True,
+    warm = [str(folder.with_name("warm-klein"))] if precision == "bf16" else []
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tmp_path), precision, *warm], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
