@@ -78,7 +78,7 @@ def component_precisions(family: str, components: list[str], precision: str, tex
         if p == "fp16" and name not in FP16_ALLOWED.get(family, frozenset()):
             flag = {"transformer": "--precision", "text_encoder": "--text-encoder-precision"}.get(k, "--precision")
             why = {"vae": "the VAE is never FP16 (black or NaN images)",
-                   "text_encoder": "T5 and Qwen3 overflow FP16"}.get(k, "this transformer is only run in BF16 upstream")
+                   "text_encoder": "T5 overflows FP16, and Qwen3's activation outliers can too"}.get(k, "this transformer is only run in BF16 upstream")
             raise UsageError(f"the {name} of a {family} model cannot be exported in FP16 ({why}); use {flag} bf16")
         if k == "vae" and p not in ("fp32", "bf16"):
             raise UsageError(f"the VAE is exported in BF16 or FP32 only, not {p.upper()}")
