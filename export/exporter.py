@@ -277,8 +277,10 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
         overridden = {n: c.get(k) for n, c in components.items()
                       for k in ("fidelity_gate", "fp8_fidelity_gate", "bf16_fidelity_gate", "fp16_fidelity_gate")
                       if (c.get(k) or {}).get("accepted_low_fidelity")}
-        if (manifest.get("fidelity") or {}).get("image_gate", {}).get("accepted_low_fidelity"):
-            overridden["images"] = manifest["fidelity"]["image_gate"]
+        fid = manifest.get("fidelity") or {}
+        image_gate_record = fid.get("image_gate") or (fid.get("half") or {}).get("image_gate") or {}
+        if image_gate_record.get("accepted_low_fidelity"):
+            overridden["images"] = image_gate_record
         if overridden:
             manifest["fidelity_override"] = {"accepted_low_fidelity": True, "components": sorted(overridden),
                                              "why": "exported with --accept-low-fidelity"}
@@ -404,12 +406,17 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
     for name in cosines:  # the FP8 files replace the FP32 ones only now: the reference images needed those
         shutil.rmtree(root / name)
         (root / f"{name}_fp8").rename(root / name)
+    half = manifest.pop("fidelity", None)  # the BF16 parts' image check (half_images), kept under "half"
     manifest["fidelity"] = {"image_psnr_vs_fp32_db": min(image_psnr),
                             "image_psnr_per_case_db": [round(p, 2) for p in image_psnr],
                             "image_cases": [list(c) for c in calibrate.FIDELITY_CASES],
                             "fp8_components": list(cosines), "output_cosine_min": cosines}
     if "transformer" in cosines:
         manifest["fidelity"]["transformer_cosine"] = cosines["transformer"]
+    if half:
+        manifest["fidelity"]["half"] = half
+        manifest["fidelity"]["reference"] = ("the bundle before FP8: its BF16 parts as FP32 twins (their own image "
+                                             "PSNR vs FP32 is under half)")
     progress(f"[fidelity] image PSNR vs FP32 {min(image_psnr):.1f} dB with "
              f"{', '.join(cosines)} in FP8")
 
