@@ -81,30 +81,14 @@ def fp32_twin(onnx_path: Path) -> Path:
     half = {TensorProto.BFLOAT16, TensorProto.FLOAT16}
     m = onnx.load(str(onnx_path), load_external_data=False)
     g = m.graph
-    widen = {}
+    widen = []
     for init in g.initializer:
         if init.data_type in half:
             name = init.name
             init.name = f"{name}__half"
-            widen[name] = helper.make_node("Cast", [init.name], [name], to=TensorProto.FLOAT, name=f"{name}/widen")
-    stored = {i.name for i in g.initializer}
+            widen.append(helper.make_node("Cast", [init.name], [name], to=TensorProto.FLOAT, name=f"{name}/widen"))
     nodes = []
-    for k, n in enumerate(g.node):
-        # Each weight is widened when its first user's activation exists, not before: ONNX Runtime schedules
-        # every ready node first (Kahn's order), and a plain Cast(weight) is ready at once, so all the FP32
-        # copies would exist together. A dependency on the activation (its element count, cast to FP32, as
-        # CastLike's target type) holds each cast back until it is needed: one FP32 weight at a time.
-        act = next((i for i in n.input if i and i not in stored and i not in widen), None)
-        for i in n.input:
-            if i not in widen:
-                continue
-            cast = widen.pop(i)
-            if act is not None:
-                size, like = f"{i}__n{k}", f"{i}__like{k}"
-                nodes.append(helper.make_node("Size", [act], [size], name=f"{i}/size"))
-                nodes.append(helper.make_node("Cast", [size], [like], to=TensorProto.FLOAT, name=f"{i}/like"))
-                cast = helper.make_node("CastLike", [cast.input[0], like], [i], name=f"{i}/widen")
-            nodes.append(cast)
+    for n in g.node:
         if n.op_type == "Constant":
             value = next((a for a in n.attribute if a.name == "value"), None)
             if value is not None and value.t.data_type in half:
@@ -120,7 +104,7 @@ def fp32_twin(onnx_path: Path) -> Path:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype("float32"), a.t.name))
         nodes.append(n)
     del g.node[:]
-    g.node.extend(list(widen.values()) + nodes)  # leftovers: weights only a subgraph uses
+    g.node.extend(widen + nodes)
     del g.value_info[:]
     for v in list(g.input) + list(g.output):
         if v.type.tensor_type.elem_type in half:
@@ -137,9 +121,6 @@ def twin_session(twin: Path):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # no arena, no pre-planned pattern: each widened weight's buffer goes back to the system once used
-    so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = False
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3
     return ort.InferenceSession(str(twin), sess_options=so, providers=["CPUExecutionProvider"])

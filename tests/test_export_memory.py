@@ -22,7 +22,7 @@ import pytest
 # holding a second copy anywhere (module during write or check, eager transposes, prepacked ORT weights) >= 2.
 MAX_RATIO = 1.5
 # BF16: the module is loaded in BF16 and never widened as a whole (references through per-module FP32 hooks,
-# the check through the FP32 twin whose weight casts wait for their activation). At real size that measures
+# the check through the FP32 twin in ONNX Runtime without graph optimisations). At real size that measures
 # 1.22 (Qwen3-4B) and 1.16 (Klein 4B transformer) above the baseline, 1.27-1.28 in all (docs/PERFORMANCE.md,
 # the 1.3x goal). At this size (258 MiB) about 0.3 GiB that does not scale with the weights (ONNX Runtime's run
 # of the twin, the exporter's graph objects) dominates: measured 2.33-2.36. A second copy of the weights held
