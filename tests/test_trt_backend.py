@@ -82,7 +82,7 @@ def test_rebuild_command_for_hopper_targets_full_tensorrt():
 
 
 def test_rebuild_command_drops_fp8_for_ampere_and_quotes_paths():
-    with pytest.raises(BundleError, match="--sm 86 --precision fp32 --overwrite$"):
+    with pytest.raises(BundleError, match="--sm 86 --precision bf16 --overwrite$"):
         check_engine_compatible(
             [rec("89")], component="transformer", gpu=G3090, installed=INSTALLED, source=SRC, bundle=BUNDLE
         )

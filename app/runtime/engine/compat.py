@@ -16,7 +16,7 @@ from app.planning.devices import GpuInfo, normalise_uuid
 from app.planning.policy import choose_precision, engine_flavour_for_sm, normalise_sm, precision_supported
 from app.runtime.engine.trt import LABELS, short_version
 
-EXPORTABLE_PRECISIONS = ("fp32", "fp8")  # what `edgegen export --precision` accepts (export/exporter.py)
+EXPORTABLE_PRECISIONS = ("fp32", "bf16", "fp8")  # what `edgegen export --precision` accepts (export/exporter.py)
 
 
 def rebuild_command(source: str, bundle: str | Path, sm: str, precision: str | None = None) -> str:
@@ -27,8 +27,8 @@ def rebuild_command(source: str, bundle: str | Path, sm: str, precision: str | N
         f"--target {engine_flavour_for_sm(sm)} --sm {sm}"
     )
     if precision and not precision_supported(precision, sm):
-        # e.g. an FP8 bundle moved to an sm86 GPU. The exporter writes fp32 or fp8 today (bf16 is refused), so
-        # the command that works is fp32 even where choose_precision() would prefer bf16 engines.
+        # e.g. an FP8 bundle moved to an sm86 GPU: the precision the plan prefers there (bf16), when export
+        # writes it; fp32 otherwise.
         best = choose_precision("transformer", sm)
         cmd += f" --precision {best if best in EXPORTABLE_PRECISIONS else 'fp32'}"
     return cmd + " --overwrite"
