@@ -73,7 +73,7 @@ def run_bench(bundle: Path, count: int, steps: int | None, size: int | None, pro
     from app.ui.settings import AppPaths, Settings, save_settings
     from app.ui.window import MainWindow
 
-    app = QApplication.instance() or QApplication(["edgegen-bench"])
+    _app = QApplication.instance() or QApplication(["edgegen-bench"])
     scratch = Path(tempfile.mkdtemp(prefix="edgegen-bench-"))
     paths = AppPaths(scratch / "config", scratch / "data")
     save_settings(paths, Settings(output_folder=str(scratch / "out"), engines_folder=str(scratch / "engines")))
