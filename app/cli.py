@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration-prompts", type=Path, help="FP8 calibration prompts, one per line")
     e.add_argument("--calibration-size", type=_size, help="FP8 calibration resolution in pixels")
     e.add_argument("--calibration-count", type=_count, default=8, help="FP8 calibration prompts to sample")
+    e.add_argument("--fp8-path", choices=["auto", "onnx", "torch"], default="auto",
+                   help="how the transformer becomes FP8: onnx (ModelOpt ONNX PTQ on the FP32 graph), torch (ModelOpt "
+                        "calibrates the BF16 module in PyTorch; never holds FP32 weights), auto: onnx when it fits")
     e.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle once the new one is complete")
     e.add_argument("--sign", type=Path, metavar="KEYFILE", help="sign the finished bundle with this private key")
@@ -238,7 +241,7 @@ def cmd_export(args) -> int:
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
         text_encoder_precision=args.text_encoder_precision,
         loras=tuple(args.lora), overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
-        skip_memory_check=args.skip_memory_check, with_encoder=args.with_encoder,
+        skip_memory_check=args.skip_memory_check, with_encoder=args.with_encoder, fp8_path=args.fp8_path,
     )
     if args.gpu:
         from app.planning.gpus import parse_gpu_option

@@ -170,7 +170,7 @@ def fp32_bytes_needed(folder, precisions: dict[str, str]) -> int:
     return int(sum(folder.weights[s][0] * 4 for s in sources if s in folder.weights) * 1.3) + PROCESS_BASE
 
 
-def HalfTorchBackend(bundle, model: Path, precisions: dict[str, str]):
+def HalfTorchBackend(bundle, model: Path, precisions: dict[str, str], device: torch.device | None = None):
     """app.runtime.torch_backend.TorchBackend with each half-precision component loaded in its dtype and run
     with that arithmetic (FP32 at the boundary, as the graph): PyTorch's BF16/FP16 CPU kernels stand in for
     the GPU's, which export cannot run here."""
@@ -187,7 +187,7 @@ def HalfTorchBackend(bundle, model: Path, precisions: dict[str, str]):
                 dtype = TORCH_DTYPES.get(p, torch.float32)
                 m = load_component(self.folder, spec.source, dtype)
                 self._modules[component] = (wrap_in_dtype(spec, m, dtype, FP32_INPUTS.get(bundle.manifest["family"], frozenset()))
-                                            if dtype != torch.float32 else wrap(spec, m))
+                                            if dtype != torch.float32 else wrap(spec, m)).to(self.device)
             return self._modules[component]
 
-    return _Half(bundle, model)
+    return _Half(bundle, model, device)

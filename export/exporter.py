@@ -22,6 +22,7 @@ from app.models.loading import load_component
 from app.models.samples import sample_inputs
 from app.models.wrappers import wrap
 from app.runtime.images import psnr
+from export import cache as export_cache
 from export import preflight
 from export.bundle_writer import BundleWriter
 from export.fidelity import gate
@@ -65,6 +66,9 @@ class ExportOptions:
     accept_low_fidelity: bool = False  # keep components below export/fidelity.py's thresholds (recorded)
     skip_memory_check: bool = False
     with_encoder: bool | None = None  # the VAE encoder (images as input); None: the family's default (Klein on)
+    # How the transformer becomes FP8: "onnx" (ModelOpt ONNX PTQ on the FP32 graph, export/fp8.py), "torch"
+    # (ModelOpt PyTorch calibration of the BF16 module, export/fp8_torch.py), "auto": onnx when it fits in RAM
+    fp8_path: Literal["auto", "onnx", "torch"] = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -206,6 +210,16 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
 
         prompts = read_prompts(opts.calibration_prompts)  # fail on a bad file before hours of export
     notes: list[str] = []  # said once every check has passed, so a refusal stays the only line
+    route = None
+    if opts.precision == "fp8":
+        route, why = preflight.fp8_path(folder, fp8_encoders, precisions, opts.fp8_path)
+        if route == "torch":
+            if fp8_encoders:
+                raise UsageError("--text-encoder-precision fp8 quantizes through ModelOpt's ONNX path (FP32 "
+                                 "graphs); with the PyTorch FP8 path use --text-encoder-precision bf16, or "
+                                 "--fp8-path onnx where the FP32 graphs fit in memory")
+            precisions = {**precisions, "transformer": "bf16"}  # its BF16 graph, quantized after calibration
+        notes.append(f"[fp8] transformer through ModelOpt's {'PyTorch' if route == 'torch' else 'ONNX'} path: {why}")
     defaults, size_range = _defaults_and_range(folder, opts, own, dims, notes.append)
     preflight.check_calibration_size(opts.calibration_size, size_range, dims)
     if opts.loras:
@@ -219,8 +233,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
     n_engines = len(sms) if opts.target != "onnx" else 0
     preflight.check_disk(out, preflight.bundle_bytes_estimate(folder, opts.precision, fp8_encoders, n_engines,
                                                               precisions), progress)
-    preflight.check_memory(preflight.memory_estimate(folder, opts.precision, fp8_encoders, precisions), progress,
-                           opts.skip_memory_check)
+    preflight.check_memory(preflight.memory_estimate(folder, opts.precision, fp8_encoders, precisions,
+                                                     route or "onnx"), progress, opts.skip_memory_check)
     for note in notes:
         progress(note)
     progress(f"[preflight] passed in {time.monotonic() - t0:.1f}s")
@@ -267,7 +281,14 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
         }
         if any(p in HALF for p in precisions.values()):
             half_images(opts, folder, manifest, w.tmp, progress)
-        if opts.precision == "fp8" or fp8_encoders:
+        if route == "torch":
+            from export.fp8_policy import fp8_exclude_patterns
+            from export.fp8_torch import quantize_transformer
+
+            quantize_transformer(w.tmp, manifest, folder.path, prompts, opts.calibration_count,
+                                 opts.calibration_size, fp8_exclude_patterns(fam.name), progress,
+                                 opts.accept_low_fidelity)
+        elif opts.precision == "fp8" or fp8_encoders:
             quantize_components(opts, fam, manifest, w.tmp, prompts, fp8_encoders, progress)
         _drop_twins(manifest, w.tmp)
         for entry in manifest["components"].values():
@@ -529,8 +550,9 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
     parameters = sum(p.numel() for p in module.parameters())
     external = needs_external_data(module)
     weights = [*module.parameters(), *module.buffers()]
-    progress(f"[{spec.name}] exporting to ONNX (dynamo)")
-    program = trace_component(spec, wrapped, samples[0])
+    cached = export_cache.lookup(folder, spec, precision, samples[0], loras, out_dir)  # off unless opted in
+    progress(f"[{spec.name}] " + ("ONNX graph from the export cache" if cached.hit else "exporting to ONNX (dynamo)"))
+    program = None if cached.hit else trace_component(spec, wrapped, samples[0])
     del module, wrapped, owner
     gc.collect()
     fp32_ops = frozenset()
@@ -538,7 +560,8 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
         from export.bf16_policy import fp32_ops as policy_ops
 
         fp32_ops = policy_ops(fam.name)
-    onnx_path = save_component(program, spec, out_dir, external, fp32_ops)
+    onnx_path = cached.path if cached.hit else save_component(program, spec, out_dir, external, fp32_ops)
+    cached.store()
     del program
     # Free the weights' storage explicitly: onnxscript's module-level rewrite rules keep the last graph they
     # matched (and through it the exported tensors) alive, so dropping our references alone frees nothing.

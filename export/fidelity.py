@@ -57,7 +57,7 @@ def gate(component: str, precision: str, cosine: float, max_rel_err: float, acce
     record = {"precision": precision, "cosine": cosine, "max_rel_err": max_rel_err, "thresholds": asdict(t),
               "passed": not failed}
     if failed and not accept:
-        ref = {"fp32": "PyTorch", "fp8": "its FP32 export"}.get(precision, "FP32 arithmetic on the same weights")
+        ref = {"fp32": "PyTorch", "fp8": "the graph it was quantized from"}.get(precision, "FP32 arithmetic on the same weights")
         raise LowFidelityError(
             f"the {precision.upper()} {component} is too far from {ref} ({'; '.join(failed)}), so no bundle was "
             f"written; report it, export another precision, or pass --accept-low-fidelity to keep it anyway")

@@ -24,6 +24,9 @@ EXPORT_PEAK_RATIO = 1.1
 # transformer) at real size (docs/PERFORMANCE.md, "BF16 at real size"): the FP32 reference hooks, the trace and
 # ONNX Runtime's run of the FP32 twin each add transients next to the one BF16 copy.
 HALF_EXPORT_PEAK_RATIO = 1.25
+# ModelOpt's PyTorch calibration (export/fp8_torch.py): the modules it holds, plus activations and ModelOpt's
+# quantizer state (an estimate; measured at real size in docs/PERFORMANCE.md)
+TORCH_CALIBRATION_RATIO = 1.15
 PROCESS_BASE = 1 * GiB  # torch, diffusers, transformers and ONNX Runtime imported, before any weights
 DISK_MARGIN = 64 * 2**20  # tokenizers, scheduler, manifest, file-system slack
 ENGINE_RATIO = 1.25  # engine bytes over ONNX bytes (TensorRT-RTX FP32: 32 MB engine from a 26.5 MB graph)
@@ -216,18 +219,46 @@ def available_memory() -> int | None:
 
 
 def memory_estimate(folder, precision: str, fp8_encoders: tuple[str, ...],
-                    precisions: dict[str, str] | None = None) -> int:
+                    precisions: dict[str, str] | None = None, fp8_path: str = "onnx") -> int:
     """Peak RSS: one component's export at a time (EXPORT_PEAK_RATIO of its bytes in the precision it is
-    loaded and written in: a BF16 component is never widened as a whole, export/bf16.py); FP8 calibration
-    opens the whole FP32 bundle in ONNX Runtime and ModelOpt holds about two copies of the graph it quantizes."""
+    loaded and written in: a BF16 component is never widened as a whole, export/bf16.py). FP8 through ONNX
+    (export/fp8.py): calibration opens the whole FP32 bundle in ONNX Runtime and ModelOpt holds about two
+    copies of the graph it quantizes. FP8 through PyTorch (export/fp8_torch.py, `precisions` then says bf16 for
+    the transformer's graph): the text encoders in BF16 while they encode, then the BF16 transformer and the
+    VAE while ModelOpt calibrates; the graph check runs one FP32 twin at a time (one BF16 copy)."""
     fp32 = _fp32_bytes(folder, precisions)
     half = {n for n, p in (precisions or {}).items() if p in ("bf16", "fp16")}
     peak = max((b * (HALF_EXPORT_PEAK_RATIO if n in half else EXPORT_PEAK_RATIO) for n, b in fp32.items()),
                default=0)
-    quantized = [n for n in fp32 if n in fp8_encoders or (precision == "fp8" and n == "transformer")]
-    if quantized:
-        peak = max(peak, sum(fp32.values()) + 2 * max(fp32[n] for n in quantized))
+    onnx_quantized = [n for n in fp32 if n in fp8_encoders or (precision == "fp8" and n == "transformer"
+                                                                and fp8_path == "onnx")]
+    if onnx_quantized:
+        peak = max(peak, sum(fp32.values()) + 2 * max(fp32[n] for n in onnx_quantized))
+    if precision == "fp8" and fp8_path == "torch" and "transformer" in fp32:
+        half_bytes = {n: folder.weights[s.source][0] * 2 for s in folder.family.components
+                      for n in [s.name] if n in fp32}
+        encoders = sum(b for n, b in half_bytes.items() if n.startswith("text_encoder"))
+        vae = sum(b for n, b in fp32.items() if n.startswith("vae"))
+        peak = max(peak, TORCH_CALIBRATION_RATIO * max(encoders, half_bytes["transformer"] + vae))
     return int(peak + PROCESS_BASE)
+
+
+def fp8_path(folder, fp8_encoders: tuple[str, ...], precisions: dict[str, str], asked: str = "auto"
+             ) -> tuple[str, str]:
+    """("onnx" | "torch", why) for the transformer's FP8 quantization. auto: ModelOpt's ONNX PTQ on the FP32
+    graph (export/fp8.py) when it fits in the memory available now, else ModelOpt's PyTorch path on the BF16
+    module (export/fp8_torch.py), which never holds an FP32 copy of the model."""
+    onnx_need = memory_estimate(folder, "fp8", fp8_encoders, precisions, "onnx")
+    have = available_memory()
+    if asked == "onnx":
+        return "onnx", "asked for (--fp8-path onnx)"
+    if asked == "torch":
+        return "torch", "asked for (--fp8-path torch)"
+    if have is not None and onnx_need > have:
+        return "torch", (f"the ONNX path would need about {fmt_gib(onnx_need)} of RAM (FP32 graphs), "
+                         f"{fmt_gib(have)} is available")
+    return "onnx", f"the ONNX path fits: about {fmt_gib(onnx_need)} of RAM needed" + (
+        f", {fmt_gib(have)} available" if have is not None else "")
 
 
 def check_memory(need: int, say: Say, skip: bool = False) -> None:

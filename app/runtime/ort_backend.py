@@ -50,10 +50,11 @@ class OrtBackend:
         if self.on_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UsageError("ONNX Runtime here has no CUDA provider; install onnxruntime-gpu (and not onnxruntime "
                              "next to it), or run on the CPU with --backend onnxruntime --device cpu")
-        half = sorted(n for n, c in bundle.components().items() if c.get("precision") == "bf16")
+        half = sorted(n for n, c in bundle.components().items()
+                      if c.get("precision") == "bf16" or (c.get("fp8") or {}).get("high_precision") == "bf16")
         if half and not self.on_cuda:  # ORT 1.32's CPU provider has no BF16 MatMul/Add/Mul/Softmax (checked)
             src = bundle.manifest.get("source", {}).get("path", "MODEL_DIR")
-            raise UsageError(f"this bundle's {', '.join(half)} are BF16, and BF16 bundles are for NVIDIA GPUs "
+            raise UsageError(f"this bundle's {', '.join(half)} compute in BF16, and BF16 bundles are for NVIDIA GPUs "
                              "(TensorRT engines or ONNX Runtime CUDA): ONNX Runtime's CPU provider has no BF16 "
                              f"kernels; for the CPU: edgegen export --model {src} --out DIR --precision fp32")
         self.name = f"onnxruntime-{device.type}"

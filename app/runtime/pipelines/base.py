@@ -181,12 +181,14 @@ class Pipeline:
         return t.to(self.device)
 
     def execute(self, job: Job, on_step: StepCallback | None = None, cancel: Cancel | None = None,
-                timings: dict | None = None) -> torch.Tensor:
-        """The device part: encode, denoise, decode. Returns the decoded image (NCHW, [-1, 1]) on the device."""
+                timings: dict | None = None, cond=None) -> torch.Tensor:
+        """The device part: encode, denoise, decode. Returns the decoded image (NCHW, [-1, 1]) on the device.
+        `cond`: the prompt's embeddings, encoded earlier (FP8 calibration encodes every prompt first, then
+        releases the text encoders)."""
         timings = {} if timings is None else timings
         req = job.req
         t0 = time.perf_counter()
-        cond = self.encode_cached(job)
+        cond = self.encode_cached(job) if cond is None else cond
         if self.low_vram:  # the plan says the components do not fit together: text encoders leave first
             self.release(self.text_encoders)
         state = self.device_state(job)
