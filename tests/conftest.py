@@ -32,10 +32,7 @@ def shared(tmp_path_factory, name: str, make) -> Path:
 
     if dev := _dev_copy(name):
         return dev
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's common temporary folder
-    out = root / "shared" / name
+    out = _run_root(tmp_path_factory) / "shared" / name
     done = out.parent / f"{name}.done"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out.parent / f"{name}.lock")):
@@ -45,6 +42,22 @@ def shared(tmp_path_factory, name: str, make) -> Path:
             make(out)
             done.touch()
     return out
+
+
+def _run_root(tmp_path_factory) -> Path:
+    """The run's temporary folder that every pytest-xdist worker sees."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _export_cache(tmp_path_factory):
+    """Bundles of the same tiny model share components (an FP8 bundle starts as the FP32 one, a config variant
+    changes one component): each identical component is traced to ONNX once per run (export/cache.py), then
+    loaded, checked and gated as in any export. A developer may point EDGEGEN_EXPORT_CACHE elsewhere."""
+    from export.cache import ENV
+
+    os.environ.setdefault(ENV, str(_run_root(tmp_path_factory) / "export-cache"))
 
 
 def _dev_copy(name: str) -> Path | None:
