@@ -32,7 +32,10 @@ GIB = 2**30
 COMPONENT_LINE = re.compile(r"^\[(?P<name>[a-z0-9_]+)\] (?P<what>\S+)")
 SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
            "transformer": "transformer", "vae_encoder": "vae", "vae_decoder": "vae"}
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8: the PyTorch path loads BF16 modules
+# FP8 through PyTorch (export/fp8_torch.py): phases after the components, measured against the largest
+# component's bytes (what the calibration holds at most: the text encoders, then the transformer).
+FP8_PHASES = ("calibration", "fp8_graph", "fp8_check")
 
 
 def safetensors_bytes(folder: Path, as_dtype_bytes: int | None = 4) -> int:
@@ -224,15 +227,19 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=sorted(ELEMENT_BYTES), default="fp32",
                    help="export --precision (bf16: every component in BF16; component bytes count 2 per element)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--export-args", default="", help="more export arguments, e.g. \"--fp8-path torch "
+                   "--text-encoder-precision bf16 --calibration-count 2\"")
     p.add_argument("--code", type=Path, help="run the edgegen source tree here instead (e.g. an older commit "
                    "unpacked with `git archive REV app export | tar -x -C DIR`), for before/after numbers")
     a = p.parse_args(argv)
     prefix = ([sys.executable, "-c", "from app.cli import entrypoint; entrypoint()"] if a.code else edgegen_cmd())
     cmd = prefix + ["export", "--model", str(a.model), "--out", str(a.out), "--min-size", a.min_size,
-                    "--max-size", a.max_size, "--overwrite", "--precision", a.precision] + (["--accept-low-fidelity"] if a.accept_low_fidelity else [])
+                    "--max-size", a.max_size, "--overwrite", "--precision", a.precision] + (["--accept-low-fidelity"] if a.accept_low_fidelity else []) + a.export_args.split()
     env = {"PYTHONPATH": str(a.code.absolute())} if a.code else None
     print("$", ("PYTHONPATH=" + env["PYTHONPATH"] + " " if env else "") + " ".join(cmd), flush=True)
     sizes = component_bytes(a.model, a.precision)
+    if a.precision == "fp8":
+        sizes.update({phase: max(sizes.values()) for phase in FP8_PHASES})
     result = measure(cmd, min_available=int(a.min_available_gib * GIB), echo=None if a.quiet else print, env=env)
     print(table(result, sizes, a.out))
     if result.returncode:

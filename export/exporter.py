@@ -451,8 +451,12 @@ def _quantize_component(root: Path, manifest: dict, name: str, calibration: list
 
     src, dst = root / name / "model.onnx", root / f"{name}_fp8" / "model.onnx"
     dst.parent.mkdir()
+    import onnxruntime as ort
+
+    # ModelOpt calibrates on the GPU when this ONNX Runtime has CUDA (onnxruntime-gpu), else on the CPU.
+    eps = ("cuda:0", "cpu") if "CUDAExecutionProvider" in ort.get_available_providers() else ("cpu",)
     report = quantize_fp8(src, dst, calibration, patterns, progress=lambda m: progress(f"[{name}] {m}"),
-                          high_precision=high_precision)
+                          high_precision=high_precision, calibration_eps=eps)
     cos = fidelity(src, dst, held_out)
     entry = manifest["components"][name]
     entry["precision"] = "fp8"

@@ -54,9 +54,10 @@ def excluded_modules(module: torch.nn.Module, patterns: Sequence[str]) -> list[s
     # A pattern names the layer or a module around it (the ONNX path matches every enclosing scope too).
     paths = {n: [".".join(n.split(".")[: k + 1]) for k in range(n.count(".") + 1)] for n in names}
     hit = lambda p, n: any(p.search(s) for s in paths[n])  # noqa: E731
-    unmatched = [p.pattern for p in compiled if not any(hit(p, n) for n in names)]
+    every = [n for n, _ in module.named_modules() if n]  # a pattern may name a conv embedder (SD3's pos_embed)
+    unmatched = [p.pattern for p in compiled if not any(p.search(n) for n in every)]
     if unmatched:
-        raise UsageError(f"FP8 exclude patterns {unmatched} match no linear layer of the transformer; "
+        raise UsageError(f"FP8 exclude patterns {unmatched} match no module of the transformer; "
                          "the policy (export/fp8_policy.py) and the model disagree")
     return [n for n in names if any(hit(p, n) for p in compiled)]
 
@@ -335,8 +336,9 @@ def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[
     calib = [req(p, 1000 + i) for i, p in enumerate(prompts[:count])]
     checks = [req(p, s) for p, s in cal.FIDELITY_CASES]  # held out: never calibrated on
 
-    say(f"[fp8] PyTorch path on {device}: text encoders in BF16 for {len(calib)} calibration prompts and "
-        f"{len(checks)} check prompts at {size}x{size}")
+    t_start = time.monotonic()
+    say(f"[calibration] loading the text encoders in BF16 on {device} ({len(calib)} calibration prompts and "
+        f"{len(checks)} check prompts at {size}x{size}; ModelOpt's PyTorch path)")
     encoded = []
     for r in calib + checks:
         job = pipe.prepare(r)
@@ -368,7 +370,7 @@ def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[
     ref_steps = sum(len(j.timesteps) for j, _ in encoded[len(calib):])
     per_step = (time.monotonic() - t0) / max(ref_steps, 1)
     steps = sum(len(j.timesteps) for j, _ in encoded[:len(calib)])
-    say(f"[fp8] calibrating {len(calib)} prompts ({steps} transformer steps) with ModelOpt, {len(excluded)} layers "
+    say(f"[calibration] {len(calib)} prompts ({steps} transformer steps) with ModelOpt, {len(excluded)} layers "
         f"kept BF16 by policy: about {steps * per_step / 60:.1f} min here ({per_step:.1f} s a step, measured on "
         "the reference images)")
     t1 = time.monotonic()
@@ -384,13 +386,20 @@ def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[
         backend.release(name)
     gc.collect()
 
+    say(f"[calibration] done in {time.monotonic() - t_start:.1f}s ({calib_s:.1f}s in ModelOpt's calibration)")
+
     src, dst = root / "transformer" / "model.onnx", root / "transformer_fp8" / "model.onnx"
-    say(f"[fp8] writing Q/DQ for {len(amax)} layers into the BF16 graph, weights as FP8")
-    report = write_qdq(src, dst, amax, lambda m: say(f"[transformer] {m}"))
-    say("[fp8] checking the FP8 graph against the BF16 graph (FP32 twins, ONNX Runtime) on held-out inputs")
+    t2 = time.monotonic()
+    say(f"[fp8_graph] loading the BF16 graph: Q/DQ for {len(amax)} layers, their weights stored as FP8")
+    report = write_qdq(src, dst, amax, lambda m: say(f"[fp8_graph] {m}"))
+    say(f"[fp8_graph] done in {time.monotonic() - t2:.1f}s")
+    t3 = time.monotonic()
+    say("[fp8_check] loading the FP8 and BF16 graphs as FP32 twins (ONNX Runtime), one at a time, on "
+        f"{len(held)} held-out sampler inputs")
     ref_out = twin_outputs(src, held)
     q_out = twin_outputs(dst, held)
     cos = compare(ref_out, q_out)
+    say(f"[fp8_check] done in {time.monotonic() - t3:.1f}s")
     vs_modelopt = compare(modelopt_out, q_out)
     if not cos["finite"]:
         from app.errors import EdgegenError
