@@ -225,12 +225,15 @@ def write_qdq(src: Path, dst: Path, amax: dict[str, float], say: Say | None = No
             if init.name in fp8_weights:
                 import ml_dtypes
 
-                w = _array(init, src.parent).astype(np.float32)
-                peak = float(np.abs(w).max())
+                w = _array(init, src.parent).astype(np.float32)  # one weight at a time, scaled in place
+                peak = max(abs(float(w.max())), abs(float(w.min()))) if w.size else 0.0
                 scale_t = _scalar(peak / FP8_MAX if peak > 0 else 1.0, helper.tensor_dtype_to_np_dtype(init.data_type),
                                   f"{init.name}__scale")
                 scale = float(numpy_helper.to_array(scale_t).astype(np.float32))  # what the DQ decodes with
-                q8 = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+                w /= scale
+                np.clip(w, -FP8_MAX, FP8_MAX, out=w)
+                q8 = w.astype(ml_dtypes.float8_e4m3fn)
+                del w
                 t = onnx.TensorProto(name=fp8_weights[init.name][0], data_type=FP8, dims=list(init.dims))
                 out_inits += [place(t, q8.view(np.uint8).tobytes()), scale_t]
                 fp8_weights[init.name] = (t.name, scale)

@@ -187,3 +187,69 @@ def test_fp8_text_encoders_with_the_pytorch_path_are_refused_up_front(klein_mode
                "--fp8-path", "torch", "--text-encoder-precision", "fp8"])
     assert_one_line(rc, capsys.readouterr().err.strip(), "--text-encoder-precision bf16")
     assert not (tmp_path / "b").exists()
+
+
+WRITE_CHILD = r"""
+import json, sys
+from pathlib import Path
+import export.fp8_torch as f  # every library in before the baseline
+
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+src, dst, amax = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset VmHWM to the current RSS
+before = status()["VmRSS"]
+report = f.write_qdq(src, dst, amax)
+print(json.dumps({"before": before, "peak": status()["VmHWM"], "quantized": len(report["quantized_nodes"])}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_qdq_rewrite_holds_one_tensor_not_the_model(tmp_path):
+    """At real size the BF16 graph is 7-17 GiB: the rewrite must stream it. A 256 MiB graph of 128 BF16 weights in
+    model.onnx.data is rewritten in a child process whose peak RSS above its baseline must stay far below the
+    weights' bytes (measured ~0.1x; reading all of them at once would be >= 1.0x)."""
+    import subprocess
+    import sys
+
+    import ml_dtypes
+    from onnx import helper, numpy_helper
+
+    n, d_in, d_out = 128, 1024, 1024
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(n):
+        w = (rng.standard_normal((d_in, d_out), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        inits.append(numpy_helper.from_array(w, f"blocks.{i}.lin.weight.T"))
+        nodes.append(helper.make_node("MatMul", [x, inits[-1].name], [f"h{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Slice", [f"h{i}", "s0", "s1", "ax"], [f"y{i}"], name=f"sl{i}"))
+        x = f"y{i}"
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "s0"),
+              numpy_helper.from_array(np.array([d_in], np.int64), "s1"),
+              numpy_helper.from_array(np.array([-1], np.int64), "ax")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, d_in])],
+                              [helper.make_tensor_value_info(x, TensorProto.BFLOAT16, [1, d_in])], inits)
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(src),
+              save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    del graph, inits, nodes
+    weight_bytes = n * d_in * d_out * 2
+    amax = json.dumps({f"blocks.{i}.lin": 2.0 for i in range(n)})
+    proc = subprocess.run([sys.executable, "-c", WRITE_CHILD, str(src), str(tmp_path / "dst" / "model.onnx"), amax],
+                          capture_output=True, text=True, timeout=300, check=False, env={"PYTHONWARNINGS": "ignore",
+                          **{k: v for k, v in __import__("os").environ.items()}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["quantized"] == n
+    ratio = (r["peak"] - r["before"]) / weight_bytes
+    print(f"rewrite of {weight_bytes / 2**20:.0f} MiB BF16: (peak - baseline) / bytes = {ratio:.2f}")
+    assert ratio < 0.3, f"the rewrite held {ratio:.2f} of the weights at once"
+    assert (tmp_path / "dst" / "model.onnx.data").stat().st_size < 0.6 * weight_bytes  # FP8: half of BF16
