@@ -101,6 +101,7 @@ class Lookup:
     out_dir: Path
     hit: bool = False
     claim: object = None  # the lock on `entry` while this process exports it
+    what: str = ""  # which component of which folder, recorded with the entry for whoever inspects the cache
 
     @property
     def path(self) -> Path:
@@ -116,7 +117,7 @@ class Lookup:
                 if f.is_file():
                     shutil.copyfile(f, tmp / f.name)
                     files[f.name] = _sha256_file(tmp / f.name)
-            (tmp / RECORD).write_text(json.dumps(files))
+            (tmp / RECORD).write_text(json.dumps({"files": files, "what": self.what}))
             os.rename(tmp, self.entry)  # atomic; fails if another process stored the same key first
         except OSError:
             pass
@@ -159,9 +160,9 @@ def lookup(folder, spec, precision: str, sample: dict, loras, out_dir: Path) -> 
         if claim is None:  # another export of it is stuck: go on without the cache
             return Lookup(None, out_dir)
         if not record.is_file():  # still missing after the wait: this export stores it
-            return Lookup(entry, out_dir, claim=claim)
+            return Lookup(entry, out_dir, claim=claim, what=f"{spec.name} ({precision}) of {folder.path}")
     _release(entry)
-    files = json.loads(record.read_text())
+    files = json.loads(record.read_text())["files"]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, digest in files.items():
         shutil.copyfile(entry / name, out_dir / name)

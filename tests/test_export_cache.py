@@ -141,6 +141,7 @@ def test_a_second_exporter_waits_for_the_first_and_reuses_its_graph(tmp_path, mo
     import time
 
     monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    cache._code_and_versions.cache_clear()  # the child hashes the sources as they are now: so must we
     model = _fake_model(tmp_path / "m")
     first = cache.lookup(_folder(model), SPEC, "fp32", {"x": torch.ones(3)}, (), tmp_path / "1")
     assert not first.hit and first.claim is not None
