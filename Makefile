@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # Two workers (the CI machine's cores); tests of one file stay on one worker, and the tiny models' exports are
-# shared between workers (tests/conftest.py: shared), so each is exported once per run.
+# shared between workers (tests/conftest.py: shared), so each is exported once per run; a component that several
+# bundles share (FP32 parts of an FP8 bundle, a config variant's unchanged text encoder) is traced to ONNX once
+# (export/cache.py, which tests/conftest.py turns on per run) and still checked in every export.
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
