@@ -275,12 +275,46 @@ def twin_outputs(onnx_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[li
     twin = Path(onnx_path).with_name("model.fp32.onnx")
     if not twin.is_file():
         twin = fp32_twin(onnx_path)
+        _weights_cast_when_used(twin)
     sess = twin_session(twin)
     names = [o.name for o in sess.get_outputs()]
     try:
         return [sess.run(names, feed) for feed in feeds]
     finally:
         del sess
+
+
+def _weights_cast_when_used(twin: Path) -> int:
+    """In the FP32 twin of an FP8 graph, give each weight's DequantizeLinear a scale that depends on its layer's
+    activation (scale * 1, the 1 computed from the activation's size): the same numbers, but ONNX Runtime can no
+    longer dequantize every weight before the first layer runs. Ungated, it did (Klein 4B: 12.9 GiB of FP32
+    weights held at once, measured); gated, a layer's FP32 weight exists only around its MatMul. Returns how
+    many were gated."""
+    m = onnx.load(str(twin), load_external_data=False)
+    fp8 = {i.name for i in m.graph.initializer if i.data_type == FP8 and len(i.dims)}
+    consumer = {i: n for n in m.graph.node for i in n.input}
+    zero = "gate_zero"
+    m.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), zero))
+    nodes, changed, gates = [], 0, {}
+    for n in m.graph.node:
+        mm = consumer.get(n.output[0]) if n.op_type == "DequantizeLinear" and n.input[0] in fp8 else None
+        if mm is not None and mm.op_type == "MatMul" and mm.input[1] == n.output[0]:
+            x = mm.input[0]
+            if x not in gates:
+                g = f"{x}/gate"
+                nodes += [helper.make_node("Size", [x], [f"{g}/size"], name=f"{g}/size"),
+                          helper.make_node("Greater", [f"{g}/size", zero], [f"{g}/pos"], name=f"{g}/pos"),
+                          helper.make_node("Cast", [f"{g}/pos"], [g], to=onnx.TensorProto.FLOAT, name=f"{g}/one")]
+                gates[x] = g
+            gated = f"{n.name}/gated_scale"
+            nodes.append(helper.make_node("Mul", [n.input[1], gates[x]], [gated], name=gated))
+            n.input[1] = gated
+            changed += 1
+        nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.save(m, str(twin))
+    return changed
 
 
 def compare(ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> dict:
