@@ -27,6 +27,8 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.bundle.files import sha256_file
+
 ENV = "EDGEGEN_EXPORT_CACHE"
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "onnx", "onnxscript", "diffusers", "transformers", "safetensors", "peft")
@@ -36,14 +38,6 @@ LOCK_WAIT_S = 300
 # entry -> this process's lock on it, held by the Lookup from a miss until store(); weak, so an export that fails
 # before storing releases it when its Lookup is collected
 _claims: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,10 +76,10 @@ def graph_key(folder, spec, precision: str, sample: dict, loras=()) -> str:
     part("precision", precision)
     source = folder.path / spec.source
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        part("file", f"{path.relative_to(source).as_posix()}={_sha256_file(path)}")
+        part("file", f"{path.relative_to(source).as_posix()}={sha256_file(path)}")
     if spec.role == "transformer":  # export_one fuses LoRAs into the transformer only
         for path, scale in loras:
-            part("lora", f"{_sha256_file(Path(path))}*{float(scale)!r}")
+            part("lora", f"{sha256_file(Path(path))}*{float(scale)!r}")
     for name in sorted(sample):
         t = sample[name]
         part("sample", f"{name}:{t.dtype}:{tuple(t.shape)}")
@@ -116,7 +110,7 @@ class Lookup:
             for f in sorted(self.out_dir.iterdir()):
                 if f.is_file():
                     shutil.copyfile(f, tmp / f.name)
-                    files[f.name] = _sha256_file(tmp / f.name)
+                    files[f.name] = sha256_file(tmp / f.name)
             (tmp / RECORD).write_text(json.dumps({"files": files, "what": self.what}))
             os.rename(tmp, self.entry)  # atomic; fails if another process stored the same key first
         except OSError:
@@ -166,7 +160,7 @@ def lookup(folder, spec, precision: str, sample: dict, loras, out_dir: Path) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, digest in files.items():
         shutil.copyfile(entry / name, out_dir / name)
-        if _sha256_file(out_dir / name) != digest:  # a damaged entry: export afresh
+        if sha256_file(out_dir / name) != digest:  # a damaged entry: export afresh
             for n in files:
                 (out_dir / n).unlink(missing_ok=True)
             return Lookup(None, out_dir)
