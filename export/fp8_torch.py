@@ -22,7 +22,10 @@ costs the image), on the fixed prompts and seeds of export/calibrate.py.
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,12 +75,31 @@ def quant_config(excluded: Sequence[str]) -> dict:
             "algorithm": "max"}
 
 
+def _modelopt_quantization():
+    """modelopt.torch.quantization, imported the first time on a thread of its own. Importing it pins the
+    importing frame, and through f_back every caller's frame, for the life of the process (checked: a local of the
+    function that imports it stays alive after that function returns; which part of ModelOpt holds the frame was
+    not traced). Imported inside calibrate() it kept the calibrated BF16 transformer and the calibration loop (its
+    pipeline: text embeddings, VAE) alive through the FP8 check: memory-mapped weights that made up about 9 GiB of
+    Klein 4B's 17.3 GiB peak (docs/PERFORMANCE.md 1c). A fresh thread's stack holds nothing."""
+    name = "modelopt.torch.quantization"
+    if name not in sys.modules:
+        def load():
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the import below raises it again, on the caller's thread
+                pass
+        t = threading.Thread(target=load, name="modelopt-import", daemon=True)
+        t.start()
+        t.join()
+    return importlib.import_module(name)
+
+
 def calibrate(module: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None],
               excluded: Sequence[str]) -> dict[str, float]:
     """Quantize `module` in place with ModelOpt, calibrating on `forward_loop`; returns each quantized Linear's
     input amax by module path. The module then runs FP8 fake quantization (ModelOpt's own arithmetic)."""
-    import modelopt.torch.quantization as mtq
-
+    mtq = _modelopt_quantization()
     linear = set(linear_modules(module))
     mtq.quantize(module, quant_config(excluded))  # quantizers in place, not yet calibrated
     # ModelOpt also wraps norms and other modules it knows; only linear layers become FP8 here.
