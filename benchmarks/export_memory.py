@@ -57,20 +57,23 @@ def safetensors_bytes(folder: Path, as_dtype_bytes: int | None = 4) -> int:
     return total
 
 
-def _status(pid: int) -> dict[str, int]:
+def proc_status(pid: int | str = "self", keys: tuple[str, ...] = ("VmRSS", "VmHWM")) -> dict[str, int]:
+    """Bytes of the /proc/PID/status memory fields in `keys` (empty once the process is gone). Also used by
+    benchmarks/transformer_memory.py and the tests' child processes."""
     out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(("VmRSS", "VmHWM")):
-                    k, v = line.split(":")
+                k, _, v = line.partition(":")
+                if k in keys:
                     out[k] = int(v.split()[0]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
     return out
 
 
-def _reset_peak(pid: int) -> bool:
+def reset_peak(pid: int | str = "self") -> bool:
+    """VmHWM := the current RSS (Linux /proc/PID/clear_refs); False where that is not possible."""
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")
@@ -128,7 +131,7 @@ def measure(cmd: list[str], poll_s: float = 0.02, min_available: int = 2 * GIB, 
 
     def poll():
         while not state["done"]:
-            st = _status(proc.pid)
+            st = proc_status(proc.pid)
             with lock:
                 rss = st.get("VmRSS", 0)
                 state["peak"] = max(state["peak"], st.get("VmHWM", rss))
@@ -146,7 +149,7 @@ def measure(cmd: list[str], poll_s: float = 0.02, min_available: int = 2 * GIB, 
     tail: list[str] = []
 
     def close(phase: Phase, now: float):
-        st = _status(proc.pid)
+        st = proc_status(proc.pid)
         phase.end_s = now
         if phase.exact and "VmHWM" in st:
             phase.peak_rss = max(phase.peak_rss, st["VmHWM"])
@@ -162,13 +165,13 @@ def measure(cmd: list[str], poll_s: float = 0.02, min_available: int = 2 * GIB, 
             cur = phases[-1]
             if m and m["what"] == "loading" and cur.name != m["name"]:
                 close(cur, now)
-                rss = _status(proc.pid).get("VmRSS", 0)
+                rss = proc_status(proc.pid).get("VmRSS", 0)
                 phase = Phase(m["name"], now, rss_before=rss, peak_rss=rss)
-                phase.exact = _reset_peak(proc.pid)
+                phase.exact = reset_peak(proc.pid)
                 phases.append(phase)
             elif m and m["what"] == "done" and cur.name == m["name"]:
                 close(cur, now)
-                rss = _status(proc.pid).get("VmRSS", 0)
+                rss = proc_status(proc.pid).get("VmRSS", 0)
                 phases.append(Phase(f"after {m['name']}", now, rss_before=rss, peak_rss=rss))
             phases[-1].lines.append(line)
     proc.wait()

@@ -17,24 +17,22 @@ from pathlib import Path
 
 
 def status() -> dict[str, float]:
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[k] = round(int(v.split()[0]) / 2**30 * 1024, 2)  # kB -> GiB
-    return out
+    """GiB of this process's RSS, peak and their anonymous/file-backed parts."""
+    from benchmarks.export_memory import proc_status
+
+    return {k: round(v / 2**30, 2) for k, v in proc_status(keys=("VmRSS", "VmHWM", "RssAnon", "RssFile")).items()}
 
 
 def main(model: Path, out: Path, component: str = "transformer") -> dict:
     from app.bundle.families import FLUX2_KLEIN, SD3, read_model_index
     from app.bundle.modelfolder import ModelFolder
+    from benchmarks.export_memory import reset_peak
     from export.exporter import export_one
 
     index = read_model_index(model)
     family = SD3 if index["_class_name"].startswith("StableDiffusion3") else FLUX2_KLEIN
     folder = ModelFolder(model, index, family)  # the transformer only: no completeness check
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
+    reset_peak()
     before, t = status(), time.monotonic()
     entry, _ = export_one(folder, family.component(component), out, precision="bf16",
                           progress=lambda m: print(f"{time.monotonic() - t:7.1f}s {m}", flush=True))

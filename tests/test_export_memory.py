@@ -33,13 +33,7 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 
-def status():
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            out[k] = int(v.split()[0]) * 1024
-    return out
+from benchmarks.export_memory import proc_status as status, reset_peak
 
 import time
 t0 = time.monotonic()
@@ -69,8 +63,7 @@ if len(sys.argv) > 4:  # BF16: the whole path once on a 1-head model (BF16 kerne
                out / "warm-transformer", progress=lambda m: None, precision=sys.argv[3])
     import gc; gc.collect()
 t1 = time.monotonic()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM to the current RSS
+reset_peak()  # VmHWM := the current RSS
 before = status()["VmRSS"]
 entry, _ = export_one(folder, folder.family.component("transformer"), out / "transformer", progress=lambda m: None,
                       precision=sys.argv[3])
@@ -111,7 +104,8 @@ def test_transformer_export_peaks_near_one_copy(wide_klein, tmp_path):
     warm = [str(folder.with_name("warm-klein"))] if precision == "bf16" else []
     env = {k: v for k, v in os.environ.items() if k != "EDGEGEN_EXPORT_CACHE"}  # measure the real export
     proc = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tmp_path), precision, *warm], capture_output=True,
-                          text=True, timeout=300, check=False, env={**env, "PYTHONWARNINGS": "ignore"})
+                          text=True, timeout=300, check=False, env={**env, "PYTHONWARNINGS": "ignore"},
+                          cwd=Path(__file__).resolve().parents[1])  # the child imports benchmarks/
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     weight_bytes = r["parameters"] * (2 if precision == "bf16" else 4)

@@ -194,17 +194,10 @@ import json, sys
 from pathlib import Path
 import export.fp8_torch as f  # every library in before the baseline
 
-def status():
-    out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            out[k] = int(v.split()[0]) * 1024
-    return out
+from benchmarks.export_memory import proc_status as status, reset_peak
 
 src, dst, amax = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # reset VmHWM to the current RSS
+reset_peak()  # VmHWM := the current RSS
 before = status()["VmRSS"]
 report = f.write_qdq(src, dst, amax)
 print(json.dumps({"before": before, "peak": status()["VmHWM"], "quantized": len(report["quantized_nodes"])}))
@@ -245,7 +238,8 @@ def test_qdq_rewrite_holds_one_tensor_not_the_model(tmp_path):
     amax = json.dumps({f"blocks.{i}.lin": 2.0 for i in range(n)})
     proc = subprocess.run([sys.executable, "-c", WRITE_CHILD, str(src), str(tmp_path / "dst" / "model.onnx"), amax],
                           capture_output=True, text=True, timeout=300, check=False, env={"PYTHONWARNINGS": "ignore",
-                          **{k: v for k, v in __import__("os").environ.items()}})
+                          **{k: v for k, v in __import__("os").environ.items()}},
+                          cwd=Path(__file__).resolve().parents[1])  # the child imports benchmarks/
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["quantized"] == n
