@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration-prompts", type=Path, help="FP8 calibration prompts, one per line")
     e.add_argument("--calibration-size", type=_size, help="FP8 calibration resolution in pixels")
     e.add_argument("--calibration-count", type=_count, default=8, help="FP8 calibration prompts to sample")
+    e.add_argument("--calibration-steps", type=_count, help="sampler steps of each FP8 calibration and check image "
+                   "(default: the model's default steps; fewer keep CPU calibration of SD3.5 to minutes)")
     e.add_argument("--fp8-path", choices=["auto", "onnx", "torch"], default="auto",
                    help="how the transformer becomes FP8: onnx (ModelOpt ONNX PTQ on the FP32 graph), torch (ModelOpt "
                         "calibrates the BF16 module in PyTorch; never holds FP32 weights), auto: onnx when it fits")
@@ -239,6 +241,7 @@ def cmd_export(args) -> int:
         sms=sms,
         min_size=args.min_size, max_size=args.max_size, calibration_prompts=args.calibration_prompts,
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
+        calibration_steps=args.calibration_steps,
         text_encoder_precision=args.text_encoder_precision,
         loras=tuple(args.lora), overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
         skip_memory_check=args.skip_memory_check, with_encoder=args.with_encoder, fp8_path=args.fp8_path,

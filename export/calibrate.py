@@ -52,13 +52,13 @@ class CapturingBackend:
 
 
 def capture(bundle: Bundle, component: str, prompts: list[str], count: int, size: int | None,
-            progress: Callable[[str], None]) -> list[dict[str, np.ndarray]]:
+            progress: Callable[[str], None], steps: int | None = None) -> list[dict[str, np.ndarray]]:
     backend = CapturingBackend(OrtBackend(bundle, "cpu"), component)
     pipe = make_pipeline(bundle, backend)
     chosen = prompts[:count]
     for i, prompt in enumerate(chosen):
         progress(f"[calibration] {i + 1}/{len(chosen)}: {prompt[:60]}")
-        pipe.generate(GenerationRequest(prompt=prompt, seed=1000 + i, width=size, height=size))
+        pipe.generate(GenerationRequest(prompt=prompt, seed=1000 + i, width=size, height=size, steps=steps))
     return backend.captured[component]
 
 
@@ -74,9 +74,9 @@ def capture_encoders(bundle: Bundle, components: tuple[str, ...], prompts: list[
     return backend.captured
 
 
-def images(bundle: Bundle, size: int | None) -> list[np.ndarray]:
+def images(bundle: Bundle, size: int | None, steps: int | None = None) -> list[np.ndarray]:
     pipe = make_pipeline(bundle, OrtBackend(bundle, "cpu"))
-    return [pipe.generate(GenerationRequest(prompt=p, seed=s, width=size, height=size)).image
+    return [pipe.generate(GenerationRequest(prompt=p, seed=s, width=size, height=size, steps=steps)).image
             for p, s in FIDELITY_CASES]
 
 

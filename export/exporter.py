@@ -57,6 +57,9 @@ class ExportOptions:
     calibration_prompts: Path | None = None
     calibration_size: int | None = None
     calibration_count: int = 8
+    # sampler steps of each FP8 calibration and check image; None: the model's default steps (SD3.5: 28, with CFG;
+    # on a CPU build machine fewer keep calibration to minutes, docs/FP8.md)
+    calibration_steps: int | None = None
     # None: BF16 with --precision bf16, else FP32; FP8 only on request; FP16 only where export/bf16_policy.py
     # allows it (never T5 or Qwen3)
     text_encoder_precision: Precision | None = None
@@ -287,7 +290,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
 
             quantize_transformer(w.tmp, manifest, folder.path, prompts, opts.calibration_count,
                                  opts.calibration_size, fp8_exclude_patterns(fam.name), progress,
-                                 opts.accept_low_fidelity)
+                                 opts.accept_low_fidelity, steps=opts.calibration_steps)
         elif opts.precision == "fp8" or fp8_encoders:
             quantize_components(opts, fam, manifest, w.tmp, prompts, fp8_encoders, progress)
         _drop_twins(manifest, w.tmp)
@@ -413,7 +416,7 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
             current = calibrate.with_component(current, name, f"{name}_fp8/model.onnx")
     if opts.precision == "fp8":
         feeds = calibrate.capture(current, "transformer", prompts, opts.calibration_count,
-                                  opts.calibration_size, progress)
+                                  opts.calibration_size, progress, opts.calibration_steps)
         k = max(1, len(feeds) // 8)  # the last sampler steps are held out of calibration
         calib, held_out = (feeds[:-k], feeds[-k:]) if len(feeds) > k else (feeds, feeds)
         cosines["transformer"] = _quantize_component(root, manifest, "transformer", calib, held_out,
@@ -421,8 +424,8 @@ def quantize_components(opts: ExportOptions, fam, manifest: dict, root: Path, pr
                                                      opts.accept_low_fidelity)
         current = calibrate.with_component(current, "transformer", "transformer_fp8/model.onnx")
     progress("[fidelity] FP8 vs FP32 images on fixed prompts and seeds")
-    ref = calibrate.images(fp32, opts.calibration_size)
-    fp8 = calibrate.images(current, opts.calibration_size)
+    ref = calibrate.images(fp32, opts.calibration_size, opts.calibration_steps)
+    fp8 = calibrate.images(current, opts.calibration_size, opts.calibration_steps)
     image_psnr = [psnr(a, b) for a, b in zip(ref, fp8)]
     for name in cosines:  # the FP8 files replace the FP32 ones only now: the reference images needed those
         shutil.rmtree(root / name)

@@ -357,6 +357,11 @@ def compare(ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> dict:
 # --- the whole step, as export runs it -----------------------------------------------------------------------
 
 
+# ModelOpt's FP8 fake quantization (the FP8 check images) over an unquantized BF16 step, by device: measured 7.8x on
+# this CPU for Klein 9B at real size (docs/PERFORMANCE.md 1c); the GPU's has not been measured.
+FAKE_QUANT_SLOWDOWN = {"cpu": 7.8}
+
+
 def calibration_device() -> torch.device:
     """The GPU when PyTorch sees one (calibration at full size in seconds), else the CPU."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -375,7 +380,7 @@ def default_size(manifest: dict, device: torch.device) -> int:
 
 def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[str], count: int,
                          size: int | None, patterns: Sequence[str], say: Say, accept_low_fidelity: bool,
-                         device: torch.device | None = None) -> None:
+                         device: torch.device | None = None, steps: int | None = None) -> None:
     """Quantize the provisional bundle's BF16 transformer (root/transformer) to FP8 in place, recording what and
     how well in `manifest` (the entry, its gate, and manifest["fidelity"])."""
     import gc
@@ -393,7 +398,7 @@ def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[
     bundle = Bundle(root, manifest, "provisional")
     backend = HalfTorchBackend(bundle, model, manifest["component_precisions"], device=device)
     pipe = make_pipeline(bundle, backend, low_vram=False)
-    req = lambda p, s: GenerationRequest(prompt=p, seed=s, width=size, height=size)  # noqa: E731
+    req = lambda p, s: GenerationRequest(prompt=p, seed=s, width=size, height=size, steps=steps)  # noqa: E731
     calib = [req(p, 1000 + i) for i, p in enumerate(prompts[:count])]
     checks = [req(p, s) for p, s in cal.FIDELITY_CASES]  # held out: never calibrated on
 
@@ -430,10 +435,16 @@ def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[
     held = [held[0], held[-1]] if len(held) > 1 else held  # the first and last step of the first check image
     ref_steps = sum(len(j.timesteps) for j, _ in encoded[len(calib):])
     per_step = (time.monotonic() - t0) / max(ref_steps, 1)
-    steps = sum(len(j.timesteps) for j, _ in encoded[:len(calib)])
-    say(f"[calibration] {len(calib)} prompts ({steps} transformer steps) with ModelOpt, {len(excluded)} layers "
-        f"kept BF16 by policy: about {steps * per_step / 60:.1f} min here ({per_step:.1f} s a step, measured on "
-        "the reference images)")
+    calib_steps = sum(len(j.timesteps) for j, _ in encoded[:len(calib)])
+    per_image = len(encoded[0][0].timesteps)
+    minutes = calib_steps * per_step / 60
+    fq = FAKE_QUANT_SLOWDOWN.get(device.type)
+    images = (f"; then {ref_steps} steps of FP8 check images, about {ref_steps * per_step * fq / 60:.1f} min "
+              f"(ModelOpt's fake quantization measured {fq:g}x a BF16 step here)" if fq else
+              f"; then {ref_steps} steps of FP8 check images (their cost on {device.type} has not been measured)")
+    say(f"[calibration] {len(calib)} prompts ({calib_steps} transformer steps, {per_image} a prompt) with "
+        f"ModelOpt, {len(excluded)} layers kept BF16 by policy: about {minutes:.1f} min here "
+        f"({per_step:.1f} s a step, measured on the reference images){images}")
     t1 = time.monotonic()
     amax = calibrate(module, lambda _m: [pipe.execute(j, cond=c) for j, c in encoded[:len(calib)]], excluded)
     calib_s = time.monotonic() - t1
@@ -474,7 +485,8 @@ def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[
     entry["runs_on"] = ["tensorrt-rtx (sm89+)", "tensorrt (sm89+)", "onnxruntime (CUDA only: BF16 rest)"]
     entry["fp8"] = {k: v for k, v in report.items() if k not in ("quantized_nodes",)}
     entry["fp8"].update(quantized=len(report["quantized_nodes"]), excluded_modules=excluded,
-                        exclude_patterns=list(patterns), calibration_samples=steps, calibration_prompts=len(calib),
+                        exclude_patterns=list(patterns), calibration_samples=calib_steps, calibration_prompts=len(calib),
+                        calibration_steps_per_image=per_image,
                         calibration_size=size, calibration_device=str(device), calibration_seconds=round(calib_s, 1),
                         size_ratio_vs_bf16=round(report["bytes_fp8"] / report["bytes_bf16"], 3))
     entry["fidelity_fp8"] = {"output_cosine_min": cos["cosine_min"], "output_cosine_mean": cos["cosine_mean"],

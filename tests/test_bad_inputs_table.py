@@ -196,6 +196,7 @@ CASES = [
     Case("export-calibration-not-utf8", lambda c: c.export("--precision", "fp8", "--calibration-prompts", str(
         _write(c.tmp / "p.txt", b"\xff\xfe\x00bad"))), 2, "calibration prompts"),
     Case("export-calibration-count-zero", lambda c: c.export("--calibration-count", "0"), 2, "at least 1"),
+    Case("export-calibration-steps-zero", lambda c: c.export("--calibration-steps", "0"), 2, "at least 1"),
     Case("export-sign-key-missing", lambda c: c.export("--sign", str(c.tmp / "none.key")), 2, "does not exist"),
     # ---------------------------------------------------------------- export: the machine (preflight)
     Case("export-onnxruntime-missing", _then(lambda c: _hide(c, "onnxruntime"), lambda c: c.export()), 2,

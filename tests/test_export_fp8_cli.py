@@ -66,7 +66,7 @@ class FiniteBackend:
 def klein_fp8_bundle(klein_model, tmp_path_factory):
     pytest.importorskip("modelopt", reason="needs the fp8 extra")
     return export_via_cli(klein_model, tmp_path_factory.mktemp("bundles") / "klein-fp8", "--precision", "fp8",
-                          "--calibration-count", "2", "--calibration-size", "64")
+                          "--calibration-count", "2", "--calibration-size", "64", "--calibration-steps", "2")
 
 
 def test_klein_fp8_transformer_qdq_on_linears_not_on_excluded(klein_fp8_bundle, klein_bundle):
@@ -92,6 +92,8 @@ def test_klein_fp8_transformer_qdq_on_linears_not_on_excluded(klein_fp8_bundle, 
     assert_policy_kept(fp32, b.onnx_path("transformer"), patterns, tr["fp8"]["excluded_nodes"])
     f = tr["fidelity_fp8"]
     assert f["output_cosine_min"] > 0.99 and f["held_out_samples"] >= 1
+    # --calibration-steps 2 (not the bundle's default): 2 prompts x 2 sampler steps, the last held out
+    assert b.manifest["defaults"]["steps"] != 2 and tr["fp8"]["calibration_samples"] + f["held_out_samples"] == 4
     assert b.manifest["fidelity"]["fp8_components"] == ["transformer"]
 
 

@@ -72,6 +72,8 @@ def test_klein_bundle_through_the_pytorch_path(klein_fp8_torch):
     assert m["component_precisions"]["transformer"] == "fp8" and t["precision"] == "fp8"
     assert t["fp8"]["path"] == "torch" and t["fp8"]["high_precision"] == "bf16"
     assert t["fp8"]["quantized"] > 0 and t["fp8"]["calibration_prompts"] == 2
+    steps = m["defaults"]["steps"]  # no --calibration-steps: the bundle's default, 2 prompts of it
+    assert t["fp8"]["calibration_steps_per_image"] == steps and t["fp8"]["calibration_samples"] == 2 * steps
     # the policy's layers stay BF16: the embedders, the shared modulations, the final norm and projection
     kept = " ".join(t["fp8"]["excluded_modules"])
     for part in ("x_embedder", "context_embedder", "single_stream_modulation", "norm_out", "proj_out"):
@@ -100,13 +102,15 @@ def test_pytorch_path_bundle_is_refused_on_cpu_in_one_line(klein_fp8_torch, tmp_
 
 def test_sd3_with_cfg_through_the_pytorch_path(sd3_model, tmp_path):
     """SD3.5 runs CFG (a batch of two through the transformer) and keeps other layers high precision."""
-    root = export_via_cli(sd3_model, tmp_path / "sd3", *TORCH_FP8, "--calibration-count", "1")
+    root = export_via_cli(sd3_model, tmp_path / "sd3", *TORCH_FP8, "--calibration-count", "1",
+                          "--calibration-steps", "3")
     m = _manifest(root)
     t = m["components"]["transformer"]
     assert t["precision"] == "fp8" and t["fp8"]["path"] == "torch" and t["fp8_fidelity_gate"]["passed"]
     assert any("norm1.linear" in n for n in t["fp8"]["excluded_modules"])  # adaLN modulation stays BF16
     assert m["fidelity"]["image_psnr_vs_bf16_db"] > 30
     assert m["defaults"]["guidance"] > 1  # CFG on: the calibration and check inputs had batch 2
+    assert m["defaults"]["steps"] != 3 and t["fp8"]["calibration_steps_per_image"] == t["fp8"]["calibration_samples"] == 3
 
 
 def test_qdq_graph_quantizes_what_it_is_told_and_can_fail(bf16_transformer, tmp_path):
