@@ -58,7 +58,7 @@ class ExportOptions:
     calibration_size: int | None = None
     calibration_count: int = 8
     # sampler steps of each FP8 calibration and check image; None: the model's default steps (SD3.5: 28, with CFG;
-    # on a CPU build machine fewer keep calibration to minutes, docs/FP8.md)
+    # on a CPU build machine fewer keep calibration to minutes: docs/PERFORMANCE.md 1c)
     calibration_steps: int | None = None
     # None: BF16 with --precision bf16, else FP32; FP8 only on request; FP16 only where export/bf16_policy.py
     # allows it (never T5 or Qwen3)

@@ -14,7 +14,7 @@ the calibration feeds: about 58 GiB for FLUX.2 Klein 4B (export/preflight.py). T
    the weights file tensor by tensor, so it needs one tensor's memory.
 
 What stays high precision comes from export/fp8_policy.py, as for the ONNX path; the rest of the graph stays
-BF16 (the ONNX path's rest is FP16). Checks (docs/FP8.md): the FP8 graph against the BF16 graph it came from,
+BF16 (the ONNX path's rest is FP16). Checks (README, "Two FP8 paths"): the FP8 graph against the BF16 graph it came from,
 both run as FP32 twins in ONNX Runtime on held-out sampler inputs (the graph is right and what FP8 costs the
 transformer's output), and images of the BF16 module against the same module quantized by ModelOpt (what FP8
 costs the image), on the fixed prompts and seeds of export/calibrate.py.
