@@ -181,9 +181,10 @@ def test_auto_path_follows_the_memory_estimate(klein_model, monkeypatch):
     route, why = preflight.fp8_path(folder, (), precisions)
     assert route == "torch" and "ONNX path would need" in why
     assert preflight.fp8_path(folder, (), precisions, "onnx")[0] == "onnx"
-    # the PyTorch path never holds FP32 weights: its estimate is below the ONNX path's
+    # the PyTorch path never holds FP32 weights: the part of its estimate that scales with the weights is below the
+    # ONNX path's (on this tiny model the calibration's fixed GiB would dominate the totals)
     torch_need = preflight.memory_estimate(folder, "fp8", (), {**precisions, "transformer": "bf16"}, "torch")
-    assert torch_need < need
+    assert torch_need - preflight.TORCH_CALIBRATION_FIXED < need
 
 
 def test_fp8_text_encoders_with_the_pytorch_path_are_refused_up_front(klein_model, tmp_path, capsys):
