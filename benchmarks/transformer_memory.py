@@ -24,13 +24,13 @@ def status() -> dict[str, float]:
 
 
 def main(model: Path, out: Path, component: str = "transformer") -> dict:
-    from app.bundle.families import FLUX2_KLEIN, SD3, read_model_index
+    from app.bundle.families import family_for, read_model_index
     from app.bundle.modelfolder import ModelFolder
     from benchmarks.export_memory import reset_peak
     from export.exporter import export_one
 
     index = read_model_index(model)
-    family = SD3 if index["_class_name"].startswith("StableDiffusion3") else FLUX2_KLEIN
+    family = family_for(index)
     folder = ModelFolder(model, index, family)  # the transformer only: no completeness check
     reset_peak()
     before, t = status(), time.monotonic()

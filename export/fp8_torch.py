@@ -23,6 +23,7 @@ costs the image), on the fixed prompts and seeds of export/calibrate.py.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import sys
 import threading
@@ -342,8 +343,6 @@ def _weights_cast_when_used(twin: Path) -> int:
 def compare(ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> dict:
     """Worst cosine and relative error over every output of every feed (export/onnx_export.compare per feed), and
     whether all are finite (a NaN makes the figures NaN)."""
-    import math
-
     from export.onnx_export import compare as compare_one
 
     per = [compare_one(dict(enumerate(r)), dict(enumerate(o))) for r, o in zip(ref, out)]
