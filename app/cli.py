@@ -35,6 +35,15 @@ def _finite(value: str) -> float:
     return v
 
 
+def _lora_choice(value: str) -> tuple[str, float]:
+    from app.bundle.loras import parse_lora_choice
+
+    try:
+        return parse_lora_choice(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _text(value: str) -> str:
     """Prompt text: argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can read."""
     try:
@@ -88,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp8-path", choices=["auto", "onnx", "torch"], default="auto",
                    help="how the transformer becomes FP8: onnx (ModelOpt ONNX PTQ on the FP32 graph), torch (ModelOpt "
                         "calibrates the BF16 module in PyTorch; never holds FP32 weights), auto: onnx when it fits")
-    e.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]")
+    e.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA into the transformer at export (one brand baked in)")
+    e.add_argument("--runtime-lora", type=whole(1, 1024), default=0, metavar="MAX_RANK",
+                   help="give the transformer LoRA inputs, so any LoRA from the site library can be chosen per "
+                        "request (generate --lora NAME[:STRENGTH]); MAX_RANK is the total rank of the LoRAs one "
+                        "request may combine, e.g. 64 (docs/LORA.md)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle once the new one is complete")
     e.add_argument("--sign", type=Path, metavar="KEYFILE", help="sign the finished bundle with this private key")
     e.add_argument("--accept-low-fidelity", action="store_true",
@@ -120,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "image-to-image. The size defaults to the (first) image's. Needs a bundle with the encoder")
     g.add_argument("--strength", type=_finite, help="SD3.5 image-to-image: how much to redraw, in (0, 1] "
                                                     "(default 0.6)")
+    g.add_argument("--lora", type=_lora_choice, action="append", default=[], metavar="NAME[:STRENGTH]",
+                   help="a LoRA from the site library (edgegen lora list), strength 1 by default; repeat for "
+                        "several. Needs a bundle exported with --runtime-lora")
     g.add_argument("--low-vram", action="store_true", default=None,
                    help="unload text encoders before denoising and the transformer before decoding "
                         "(default: when the plan says the components do not fit together)")
@@ -168,6 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("key_id")
     tp = tsub.add_parser("policy", help="show or set whether bundles must be signed by a trusted key")
     tp.add_argument("--require-signed", choices=["on", "off"])
+    tp.add_argument("--require-signed-loras", choices=["on", "off"],
+                    help="whether the LoRA library serves only LoRAs whose record a trusted key signed")
+    lo = sub.add_parser("lora", help="the site LoRA library, for bundles exported with --runtime-lora")
+    losub = lo.add_subparsers(dest="lora_command", required=True, parser_class=_Parser)
+    ll = losub.add_parser("list", help="the library's LoRAs: name, family, rank, layers, signature")
+    ll.add_argument("--json", action="store_true")
+    la = losub.add_parser("add", help="check a .safetensors LoRA (diffusers, kohya or ComfyUI keys) and copy it in")
+    la.add_argument("file", type=Path)
+    la.add_argument("--name", help="the name requests use (default: the file name without .safetensors)")
+    fam = la.add_mutually_exclusive_group()
+    fam.add_argument("--family", choices=["flux2-klein", "sd3.5"], help="default: from the layer names")
+    fam.add_argument("--bundle", type=Path, help="take the family from this bundle and check the shapes now")
+    la.add_argument("--sign", type=Path, metavar="KEYFILE", help="sign the record with this private key")
+    la.add_argument("--overwrite", action="store_true", help="replace a LoRA of the same name")
+    lc = losub.add_parser("check", help="check a LoRA's file, signature and fit to a bundle, without generating")
+    lc.add_argument("name")
+    lc.add_argument("--bundle", type=Path)
+    ls = losub.add_parser("sign", help="sign a LoRA's record (for a site that requires signed LoRAs)")
+    ls.add_argument("name")
+    ls.add_argument("--key", type=Path, required=True)
+    lr = losub.add_parser("remove", help="remove a LoRA from the library")
+    lr.add_argument("name")
+
     from app.server.commands import add_parsers as add_server_parsers  # serve, batch (issue 19)
 
     add_server_parsers(sub)
@@ -243,7 +283,7 @@ def cmd_export(args) -> int:
         calibration_size=args.calibration_size, calibration_count=args.calibration_count,
         calibration_steps=args.calibration_steps,
         text_encoder_precision=args.text_encoder_precision,
-        loras=tuple(args.lora), overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
+        loras=tuple(args.lora), runtime_lora=args.runtime_lora, overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
         skip_memory_check=args.skip_memory_check, with_encoder=args.with_encoder, fp8_path=args.fp8_path,
     )
     if args.gpu:
@@ -274,7 +314,7 @@ def cmd_generate(args) -> int:
         bundle_dir=args.bundle, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, backend=args.backend,
         model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar, device=args.device,
-        low_vram=args.low_vram, images=tuple(args.image), strength=args.strength,
+        low_vram=args.low_vram, images=tuple(args.image), strength=args.strength, loras=tuple(args.lora),
     )
     for p in paths:
         print(p)
@@ -353,6 +393,69 @@ def cmd_sign(args) -> int:
     return 0
 
 
+def cmd_lora(args) -> int:
+    from app.bundle import loras as lib
+
+    folder = lib.library_dir()
+    if args.lora_command == "list":
+        rows = []
+        for rec in lib.list_records(folder):
+            sig = rec.path.with_name(rec.name + lib.SIG_SUFFIX).exists()
+            rows.append({"name": rec.name, "family": rec.family, "rank": rec.rank, "layers": len(rec.targets),
+                         "layout": rec.layout, "sha256": rec.sha256, "bytes": rec.size, "signed": sig,
+                         "path": str(rec.path)})
+        if args.json:
+            print(json.dumps({"library": str(folder), "loras": rows}, indent=2))
+            return 0
+        print(f"library: {folder}")
+        for r in rows:
+            print(f"{r['name']}  {r['family']}  rank {r['rank']}  {r['layers']} layers  {r['layout']}  "
+                  f"{'signed' if r['signed'] else 'unsigned'}  {r['sha256'][:12]}")
+        if not rows:
+            print("no LoRAs (add one with: edgegen lora add FILE)")
+        return 0
+    if args.lora_command == "add":
+        from app.runtime.loras import add_to_library
+
+        bundle = None
+        if args.bundle is not None:
+            from app.bundle.manifest import load_bundle
+
+            bundle = load_bundle(args.bundle, verify=False)  # the manifest's slots; nothing is run
+        if args.sign is not None:
+            from app.bundle.trust import _load_private
+
+            _load_private(args.sign)  # a bad key is refused before the LoRA is read
+        rec = add_to_library(args.file, args.name, args.family, bundle, folder, args.overwrite)
+        print(f"added {rec.name}: {rec.family}, rank {rec.rank}, {len(rec.targets)} layers, {rec.layout} keys, "
+              f"sha256 {rec.sha256[:12]} ({rec.path})")
+        if args.sign is not None:
+            print(f"signature: {lib.sign_record(rec.name, args.sign, folder).describe()}")
+        return 0
+    if args.lora_command == "sign":
+        print(f"{args.name}: {lib.sign_record(args.name, args.key, folder).describe()}")
+        return 0
+    if args.lora_command == "remove":
+        rec = lib.find_record(args.name, folder)
+        for p in (rec.record_path, rec.path.with_name(rec.name + lib.SIG_SUFFIX), rec.path):
+            p.unlink(missing_ok=True)
+        print(f"removed {rec.name}")
+        return 0
+    rec = lib.find_record(args.name, folder)
+    state = lib.verify_record(rec)
+    if args.bundle is not None:
+        from app.bundle.manifest import load_bundle
+        from app.runtime.loras import bundle_lora
+
+        b = load_bundle(args.bundle, verify=False)
+        lora = bundle_lora(b.manifest)
+        lib.check_against(rec, b.manifest["family"], lora and lora["slots"], lora and lora["max_rank"],
+                          f"bundle {args.bundle}")
+    print(f"{rec.name}: sha256 matches; {state.describe() if state.signed else 'unsigned'}"
+          + (f"; fits {args.bundle}" if args.bundle is not None else ""))
+    return 0
+
+
 def cmd_trust(args) -> int:
     from app.bundle import trust
 
@@ -381,15 +484,16 @@ def cmd_trust(args) -> int:
             print(f"signatures cannot be checked: cryptography is not installed ({trust.INSTALL_HINT})")
     else:
         if args.require_signed is not None:
-            _, pol = trust.set_require_signed(args.require_signed == "on")
-        else:
-            pol = trust.load_policy()
-        print(f"require signed bundles: {'on' if pol.require_signed_bundles else 'off'}"
-              + (f" ({', '.join(pol.sources)})" if pol.sources else ""))
+            trust.set_require_signed(args.require_signed == "on")
+        if args.require_signed_loras is not None:
+            trust.set_require_signed(args.require_signed_loras == "on", trust.LORA_POLICY_KEY)
+        for what, pol in (("bundles", trust.load_policy()), ("LoRAs", trust.load_lora_policy())):
+            print(f"require signed {what}: {'on' if pol.require_signed_bundles else 'off'}"
+                  + (f" ({', '.join(pol.sources)})" if pol.sources else ""))
     return 0
 
 
-COMMANDS = {"keys": cmd_keys, "sign": cmd_sign, "trust": cmd_trust, "export": cmd_export, "generate": cmd_generate, "plan": cmd_plan, "doctor": cmd_doctor,
+COMMANDS = {"lora": cmd_lora, "keys": cmd_keys, "sign": cmd_sign, "trust": cmd_trust, "export": cmd_export, "generate": cmd_generate, "plan": cmd_plan, "doctor": cmd_doctor,
             "selftest": cmd_selftest, "app": cmd_app}
 
 

@@ -182,12 +182,13 @@ def HalfTorchBackend(bundle, model: Path, precisions: dict[str, str], device: to
     class _Half(TorchBackend):
         def module(self, component: str) -> torch.nn.Module:
             if component not in self._modules:
-                spec = self.folder.family.component(component)
+                spec, slots = self.spec(component), self.slots(component)
                 p = precisions.get(component, "fp32")
                 dtype = TORCH_DTYPES.get(p, torch.float32)
                 m = load_component(self.folder, spec.source, dtype)
-                self._modules[component] = (wrap_in_dtype(spec, m, dtype, FP32_INPUTS.get(bundle.manifest["family"], frozenset()))
-                                            if dtype != torch.float32 else wrap(spec, m)).to(self.device)
+                keep = FP32_INPUTS.get(bundle.manifest["family"], frozenset())
+                self._modules[component] = (wrap_in_dtype(spec, m, dtype, keep, slots) if dtype != torch.float32
+                                            else wrap(spec, m, slots)).to(self.device)
             return self._modules[component]
 
     return _Half(bundle, model, device)

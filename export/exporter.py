@@ -65,6 +65,9 @@ class ExportOptions:
     text_encoder_precision: Precision | None = None
     vae_precision: Literal["fp32", "bf16"] | None = None  # None: BF16 with --precision bf16, else FP32
     loras: tuple[tuple[Path, float], ...] = ()
+    # Run-time LoRA (docs/LORA.md): > 0 gives the transformer a low-rank side branch on every nn.Linear whose
+    # A/B inputs take LoRAs per request, up to this total rank (the engines' lora_rank profile); 0: none.
+    runtime_lora: int = 0
     overwrite: bool = False
     accept_low_fidelity: bool = False  # keep components below export/fidelity.py's thresholds (recorded)
     skip_memory_check: bool = False
@@ -250,7 +253,8 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
                 continue
             p = precisions[spec.name]
             components[spec.name], records = export_one(folder, spec, w.tmp / spec.name, opts.loras, progress,
-                                                        precision=p if p in HALF else "fp32")
+                                                        precision=p if p in HALF else "fp32",
+                                                        runtime_lora=opts.runtime_lora)
             lora_records = records or lora_records
             f = components[spec.name]["fidelity"]
             components[spec.name]["fidelity_gate"] = gate(spec.name, "fp32", f["cosine"], f["max_rel_err"],
@@ -507,7 +511,7 @@ def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress
 
 
 def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Progress = print,
-               precision: str = "fp32") -> tuple[dict, list]:
+               precision: str = "fp32", runtime_lora: int = 0) -> tuple[dict, list]:
     """Load, export and check one component; returns its manifest entry and the LoRA records (if fused here).
 
     `precision` fp32, or bf16/fp16: the module is loaded in that dtype (no FP32 copy), traced as is, with
@@ -530,17 +534,27 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
     if spec.role == "transformer" and loras:
         progress(f"[{spec.name}] fusing {len(loras)} LoRA(s)")
         lora_records = fuse_loras(module, folder.index["_class_name"], loras)
+    slots = None
+    if spec.role == "transformer" and runtime_lora:
+        from app.bundle.families import with_lora_slots
+        from app.models.wrappers import lora_slots
+
+        slots = lora_slots(module)
+        spec = with_lora_slots(spec, slots)
+        progress(f"[{spec.name}] run-time LoRA inputs on {len(slots)} layers (rank up to {runtime_lora})")
     if half:
         from app.models.wrappers import wrap_in_dtype
         from export.bf16_policy import FP32_INPUTS
 
-        wrapped = wrap_in_dtype(spec, module, dtype, FP32_INPUTS.get(fam.name, frozenset()))
+        wrapped = wrap_in_dtype(spec, module, dtype, FP32_INPUTS.get(fam.name, frozenset()), slots=slots)
     else:
-        wrapped = wrap(spec, module)
+        wrapped = wrap(spec, module, slots)
     owner = SimpleNamespace(**{spec.source: module})
     (r0, c0), (r1, c1) = fam.trace_grids
     samples = [sample_inputs(fam.name, owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT),
                sample_inputs(fam.name, owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT)]
+    if slots:  # non-zero branches, of two ranks (2: rank 1 would be specialised away), checked like the rest
+        samples = [{**s, **lora_sample_inputs(slots, rank, seed)} for s, rank, seed in zip(samples, (2, 3), (0, 1))]
     half_compute = None
     if half:
         from export.bf16 import fp32_compute
@@ -600,10 +614,27 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
         entry["fidelity_" + precision] = {**half_compute, "checked": f"PyTorch {precision.upper()} compute vs "
                                           "PyTorch FP32 compute on the same rounded weights"}
         entry["fp32_ops"] = sorted(fp32_ops)
+    if slots:
+        entry["lora"] = {"slots": slots, "max_rank": int(runtime_lora),
+                         "how": "y = W x + B (A x) on each slot's nn.Linear; inputs lora_a_<i> (rank x in), "
+                                "lora_b_<i> (out x rank) for slot i; no LoRA: rank 1 of zeros"}
     progress(f"[{spec.name}] done in {time.monotonic() - t0:.1f}s: max|err| {fidelity['max_abs_err']:.2e}, "
              f"cosine {fidelity['cosine']:.6f}"
              + (f"; {precision.upper()} compute cosine {half_compute['cosine']:.5f}" if half else ""))
     return entry, lora_records
+
+
+def lora_sample_inputs(slots: list[dict], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random side-branch inputs for tracing and checking a run-time LoRA transformer."""
+    from app.bundle.families import lora_input_names
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, slot in enumerate(slots):
+        a, b = lora_input_names(i)
+        out[a] = torch.randn(rank, slot["in"], generator=g) * 0.1
+        out[b] = torch.randn(slot["out"], rank, generator=g) * 0.1
+    return out
 
 
 def _trim() -> None:

@@ -244,10 +244,31 @@ def _select(model: onnx.ModelProto, patterns: list[re.Pattern], attention: bool)
     # MatMul weights only: ORT's quantizer would give Gemm per-channel scales, and every Gemm/Conv in these
     # transformers is an embedder or a modulation that stays high precision anyway.
     targets = [i for i in linear if nodes[i].op_type == "MatMul" and i not in excluded]
-    targets += [i for i in bmm if i not in excluded] if attention else []
+    lora = set(_lora_branch_nodes(model))  # never targets; their shared input x may carry its layer's Q/DQ
+    targets += [i for i in bmm if i not in excluded and i not in lora] if attention else []
     if not targets:
         raise UsageError("No linear layer is left to quantize after the exclusions; check exclude_patterns.")
     return linear, excluded, targets
+
+
+def _lora_branch_nodes(model: onnx.ModelProto) -> list[int]:
+    """MatMuls of a run-time LoRA's side branch (inputs lora_a_<i> / lora_b_<i>, through Transpose or Cast): never
+    quantized. Their factors change per request, so no calibrated FP8 scale could fit them (a bundle calibrates
+    with the no-LoRA zeros), and at rank <= max_rank they are a few percent of the layer's work. The branch's x is
+    the layer's own input: where that layer is FP8, x arrives through the layer's Q/DQ, as a fused LoRA's would."""
+    nodes = model.graph.node
+    producer = {o: n for n in nodes for o in n.output}
+    lora = {i.name for i in model.graph.input if i.name.startswith("lora_")}
+
+    def from_lora(t: str, depth: int = 0) -> bool:
+        if t in lora:
+            return True
+        n = producer.get(t)
+        return n is not None and depth < 4 and n.op_type in ("Transpose", "Cast", "Mul") and any(
+            from_lora(x, depth + 1) for x in n.input)
+
+    return [i for i, n in enumerate(nodes) if n.op_type == "MatMul" and any(from_lora(t) for t in n.input)] \
+        if lora else []
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:

@@ -45,6 +45,9 @@ def profiles_for(family: FamilySpec, component: str, entry: dict, size_range: di
                  pipeline: dict) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """One profile: every input's (min, opt, max) shape, with fixed dims as recorded in the manifest."""
     ranges = dim_ranges(family, component, size_range, defaults, pipeline)
+    if entry.get("lora"):  # run-time LoRA: no LoRA is rank 1 of zeros; requests combine up to max_rank
+        top = int(entry["lora"]["max_rank"])
+        ranges["lora_rank"] = (1, min(top, 16), top)
     profile = {}
     for inp in entry["inputs"]:
         shapes = ([], [], [])

@@ -23,6 +23,8 @@ def _isolated_user_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEGEN_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("EDGEGEN_SITE_CONFIG_DIR", str(tmp_path / "site-config"))
     monkeypatch.delenv("EDGEGEN_REQUIRE_SIGNED", raising=False)
+    monkeypatch.delenv("EDGEGEN_REQUIRE_SIGNED_LORAS", raising=False)
+    monkeypatch.setenv("EDGEGEN_LORAS", str(tmp_path / "loras"))  # each test's own LoRA library
 
 
 def shared(tmp_path_factory, name: str, make) -> Path:
@@ -83,6 +85,43 @@ def export_via_cli(model: Path, out: Path, *extra: str) -> Path:
     rc = main(["export", "--model", str(model), "--out", str(out), *TINY_SIZE_ARGS, *extra])
     assert rc == 0, f"export failed with {rc}"
     return out
+
+
+# Held-out-style shapes: 8 and 16 latent channels (the real VAEs: 32, covered by the session bundle), three
+# transformer heads, a grouped-query Qwen3 (4 query heads over 2 key/value heads), a Klein base model (CFG on);
+# an SD3 with an odd, small position table (13 patches per side = 52 px), 8 latent channels, three heads. Their
+# bundles carry run-time LoRA inputs (rank up to 16): tests/test_runtime_lora.py and test_config_variants.py.
+def _variants():
+    from export import synthetic
+
+    return ({"lat8-heads3-gqa": synthetic.KleinSize(latent_channels=8, heads=3, text_heads=4, text_kv_heads=2),
+             "lat16-base-cfg": synthetic.KleinSize(latent_channels=16, is_distilled=False)},
+            synthetic.SD3Size(pos_embed_max_size=13, latent_channels=8, heads=3, t5_heads=4))
+
+
+KLEIN_VARIANTS, SD3_ODD = _variants()
+VARIANT_LORA_RANK = 16
+
+
+def variant_bundle(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """(model folder, bundle) of a held-out variant (a KLEIN_VARIANTS key or "sd3-odd"), made once per run."""
+    from export import synthetic
+
+    def make(out):
+        if name == "sd3-odd":
+            model = synthetic.save(synthetic.build_sd3(size=SD3_ODD), out / "model")
+            extra = ["--min-size", "32"]
+        else:
+            model = synthetic.save(synthetic.build_klein(KLEIN_VARIANTS[name]), out / "model")
+            extra = TINY_SIZE_ARGS
+        from app.cli import main
+
+        rc = main(["export", "--model", str(model), "--out", str(out / "bundle"), *extra,
+                   "--runtime-lora", str(VARIANT_LORA_RANK)])
+        assert rc == 0, f"export of {name} failed with {rc}"
+
+    root = shared(tmp_path_factory, f"variant-{name}", make)
+    return root / "model", root / "bundle"
 
 
 @pytest.fixture(scope="session")

@@ -11,17 +11,9 @@ import pytest
 from PIL import Image
 
 from app.cli import main
-from export import synthetic
 from tests.conftest import TINY_SIZE_ARGS
 
-# Held-out-style shapes: 8 and 16 latent channels (the real VAEs: 32, covered by the session bundle), three
-# transformer heads, a grouped-query Qwen3 (4 query heads over 2 key/value heads), a Klein base model (CFG on).
-KLEIN_VARIANTS = {
-    "lat8-heads3-gqa": synthetic.KleinSize(latent_channels=8, heads=3, text_heads=4, text_kv_heads=2),
-    "lat16-base-cfg": synthetic.KleinSize(latent_channels=16, is_distilled=False),
-}
-# An odd, small position table (13 patches per side = 52 px), 8 latent channels, three heads.
-SD3_ODD = synthetic.SD3Size(pos_embed_max_size=13, latent_channels=8, heads=3, t5_heads=4)
+from tests.conftest import KLEIN_VARIANTS, variant_bundle
 
 
 def _stderr_one_line(capsys) -> str:
@@ -31,22 +23,16 @@ def _stderr_one_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module", params=sorted(KLEIN_VARIANTS))
+@pytest.fixture(params=sorted(KLEIN_VARIANTS))
 def klein_variant(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = synthetic.save(synthetic.build_klein(KLEIN_VARIANTS[request.param]), root / "model")
-    out = root / "bundle"
-    assert main(["export", "--model", str(model), "--out", str(out), *TINY_SIZE_ARGS]) == 0
-    return request.param, model, out
+    """(name, model, bundle): the held-out Klein shapes, exported once per run with run-time LoRA inputs (their
+    no-LoRA images below are then also the proof that the zero branch changes nothing)."""
+    return (request.param, *variant_bundle(tmp_path_factory, request.param))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sd3_odd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd3-odd")
-    model = synthetic.save(synthetic.build_sd3(size=SD3_ODD), root / "model")
-    out = root / "bundle"
-    assert main(["export", "--model", str(model), "--out", str(out), "--min-size", "32"]) == 0
-    return model, out
+    return variant_bundle(tmp_path_factory, "sd3-odd")
 
 
 def test_klein_variant_exports_with_its_own_channel_count(klein_variant):

@@ -1,6 +1,6 @@
-"""One export through the CLI exercising the whole chain: LoRA fused, FP8 calibrated (transformer and, on
-request, the text encoders), TensorRT-RTX engines for SM89 and SM120 built on this GPU-less machine, then
-generation from the bundle."""
+"""One export through the CLI exercising the whole chain: LoRA fused, run-time LoRA inputs, FP8 calibrated
+(transformer and, on request, the text encoders), TensorRT-RTX engines for SM89 and SM120 built on this GPU-less
+machine, then generation from the bundle, with and without a run-time LoRA."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def sd3_fp8_bundle(sd3_model, sd3_lora, tmp_path_factory):
     return export_via_cli(sd3_model, tmp_path_factory.mktemp("bundles") / "sd3-fp8", "--precision", "fp8",
                           "--lora", f"{sd3_lora}:0.7", "--calibration-count", "2", "--calibration-size", "64",
                           "--text-encoder-precision", "fp8",
-                          "--target", "tensorrt-rtx", "--sm", "89,120")
+                          "--runtime-lora", "8", "--target", "tensorrt-rtx", "--sm", "89,120")
 
 
 def test_fp8_transformer_is_standard_qdq_with_fp8_weights(sd3_fp8_bundle):
@@ -117,6 +117,34 @@ def test_lora_is_fused_and_recorded(sd3_fp8_bundle, sd3_model, sd3_lora, sd3_bun
     assert psnr(ours, fused) > psnr(ours, base) + 3  # and the LoRA visibly took effect
 
 
+def test_runtime_lora_on_fp8_next_to_the_fused_one(sd3_fp8_bundle, sd3_model, sd3_lora, tmp_path):
+    """FP8 bundle (one LoRA fused at 0.7) + a run-time LoRA at 0.9 vs diffusers in FP32 with the same two."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.test_runtime_lora import make_lora
+
+    brand = make_lora(sd3_model, "sd3.5", tmp_path / "rt", r=3, alpha=6.0, seed=9,
+                      targets=["add_k_proj", "to_v", "ff_context.net.2", "proj_out"])
+    assert main(["lora", "add", str(brand), "--name", "brand", "--bundle", str(sd3_fp8_bundle)]) == 0
+    args = ["--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "4", "--guidance", "3", "--seed", "2"]
+    assert main(["generate", "--bundle", str(sd3_fp8_bundle), "--out", str(tmp_path / "rt.png"), *args,
+                 "--lora", "brand:0.9"]) == 0
+    assert main(["generate", "--bundle", str(sd3_fp8_bundle), "--out", str(tmp_path / "no.png"), *args]) == 0
+    ours, without = (np.asarray(Image.open(tmp_path / f)) for f in ("rt.png", "no.png"))
+    ref = StableDiffusion3Pipeline.from_pretrained(sd3_model)
+    ref.load_lora_weights(sd3_lora)
+    ref.fuse_lora(lora_scale=0.7)
+    ref.unload_lora_weights()  # the fused weights stay; the run-time LoRA comes next, as an adapter
+    ref.load_lora_weights(brand, adapter_name="brand")
+    ref.set_adapters(["brand"], [0.9])
+    img = ref(prompt="a cat", num_inference_steps=4, guidance_scale=3.0, width=64, height=64,
+              generator=torch.Generator("cpu").manual_seed(2), output_type="np").images[0]
+    expect = (img * 255).round().astype(np.uint8)
+    print(f"FP8 + run-time LoRA vs diffusers FP32 + LoRA: {psnr(ours, expect):.1f} dB; "
+          f"without the run-time LoRA: {psnr(without, expect):.1f} dB")
+    assert psnr(ours, expect) >= 28 and psnr(ours, expect) > psnr(without, expect) + 3
+
+
 def test_rtx_engines_for_sm89_and_sm120(sd3_fp8_bundle):
     b = load_bundle(sd3_fp8_bundle)
     engines = b.manifest["engines"]
@@ -130,6 +158,10 @@ def test_rtx_engines_for_sm89_and_sm120(sd3_fp8_bundle):
         assert e["host_code_allowed"] is False and e["plugins"] == []
     prof = tr[0]["profiles"][0]["hidden_states"]
     assert prof["min"][0] == 1 and prof["max"][0] == 2  # SD3's CFG doubles the transformer batch
+    lora = b.components()["transformer"]["lora"]
+    a0 = tr[0]["profiles"][0]["lora_a_0"]  # the run-time LoRA inputs: rank 1 (no LoRA) to the export's 8
+    assert a0["min"] == [1, lora["slots"][0]["in"]] and a0["max"] == [8, lora["slots"][0]["in"]]
+    assert all(f"lora_b_{i}" in tr[0]["profiles"][0] for i in range(len(lora["slots"])))
 
 
 def test_auto_backend_explains_fallback(sd3_fp8_bundle, tmp_path, capsys):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,7 +69,35 @@ class FamilySpec:
 
 # Axes that vary per call. Other named dims (text_dim, latent_channels, packed_channels, ...) are fixed by the
 # model config (see model_dims).
-DYNAMIC_DIMS = frozenset({"batch", "text_seq", "img_seq", "latent_height", "latent_width", "height", "width"})
+DYNAMIC_DIMS = frozenset({"batch", "text_seq", "img_seq", "latent_height", "latent_width", "height", "width",
+                          "lora_rank"})
+
+# Run-time LoRA (export --runtime-lora, docs/LORA.md): the transformer graph carries a low-rank side branch on
+# every nn.Linear, y = W x + B (A x), with A (lora_rank x in) and B (out x lora_rank) as inputs lora_a_<i> and
+# lora_b_<i>; slot i is the manifest's components.transformer.lora.slots[i]. Several LoRAs at once are one
+# branch whose rank is the sum of theirs; no LoRA is rank 1 of zeros.
+LORA_RANK_DIM = "lora_rank"
+
+
+def lora_input_names(i: int) -> tuple[str, str]:
+    return f"lora_a_{i}", f"lora_b_{i}"
+
+
+def with_lora_slots(spec: ComponentSpec, slots: list[dict]) -> ComponentSpec:
+    """The transformer's spec with the side branch's inputs, one (A, B) pair per slot ({module, in, out})."""
+    extra = []
+    for i, slot in enumerate(slots):
+        a, b = lora_input_names(i)
+        extra += [TensorSpec(a, "float32", (LORA_RANK_DIM, int(slot["in"]))),
+                  TensorSpec(b, "float32", (int(slot["out"]), LORA_RANK_DIM))]
+    return replace(spec, inputs=spec.inputs + tuple(extra))
+
+
+def component_spec(family: "FamilySpec", manifest: dict, name: str) -> ComponentSpec:
+    """The family's spec for a bundle's component, with the run-time LoRA inputs where the bundle has them."""
+    spec = family.component(name)
+    slots = ((manifest.get("components", {}).get(name) or {}).get("lora") or {}).get("slots")
+    return with_lora_slots(spec, slots) if slots else spec
 
 
 # Flux2KleinPipeline's text_encoder_out_layers default: the Qwen3 hidden states it stacks into the prompt

@@ -26,6 +26,8 @@ SIG_MAX_BYTES = 64 * 1024  # a signature file is a few hundred bytes; never read
 ENV_CONFIG = "EDGEGEN_CONFIG_DIR"
 ENV_SITE_CONFIG = "EDGEGEN_SITE_CONFIG_DIR"
 ENV_REQUIRE = "EDGEGEN_REQUIRE_SIGNED"
+ENV_REQUIRE_LORAS = "EDGEGEN_REQUIRE_SIGNED_LORAS"
+LORA_POLICY_KEY = "require_signed_loras"
 ENV_PASSPHRASE = "EDGEGEN_KEY_PASSPHRASE"
 POLICY_NAME = "policy.json"
 KEYS_DIR = "trusted_keys"
@@ -254,7 +256,7 @@ def remove_trusted_key(key_id: str) -> TrustedKey:
 
 @dataclass(frozen=True)
 class Policy:
-    require_signed_bundles: bool
+    require_signed_bundles: bool  # (for load_lora_policy: signed LoRAs required)
     sources: tuple[str, ...]  # which settings turned it on, for messages and doctor
 
 
@@ -271,34 +273,40 @@ def _read_policy_file(path: Path) -> dict:
     return data
 
 
-def load_policy() -> Policy:
-    """Signed bundles are required if the site file, the user file or $EDGEGEN_REQUIRE_SIGNED says so.
+def load_policy(key: str = "require_signed_bundles", env_name: str = ENV_REQUIRE) -> Policy:
+    """Signed bundles (or, with key/env_name for LoRAs, signed LoRAs) are required if the site file, the user file
+    or the environment variable says so.
 
     Any source can turn the requirement on and none can turn off another, so a user setting or an unset
     variable never weakens what a site administrator configured."""
     sources = []
     for label, d in (("site", site_config_dir()), ("user", config_dir())):
         path = d / POLICY_NAME
-        if _read_policy_file(path).get("require_signed_bundles") is True:
+        if _read_policy_file(path).get(key) is True:
             sources.append(f"{label} policy {path}")
-    env = os.environ.get(ENV_REQUIRE, "").strip().lower()
+    env = os.environ.get(env_name, "").strip().lower()
     if env not in _TRUE | _FALSE:
-        raise UsageError(f"{ENV_REQUIRE}={os.environ[ENV_REQUIRE]!r} is not on/off; use 1 or 0")
+        raise UsageError(f"{env_name}={os.environ[env_name]!r} is not on/off; use 1 or 0")
     if env in _TRUE:
-        sources.append(f"environment {ENV_REQUIRE}")
+        sources.append(f"environment {env_name}")
     return Policy(bool(sources), tuple(sources))
 
 
-def set_require_signed(on: bool) -> tuple[Path, Policy]:
+def load_lora_policy() -> Policy:
+    """Whether the LoRA library may only serve LoRAs whose record a trusted key signed (require_signed_loras)."""
+    return load_policy(LORA_POLICY_KEY, ENV_REQUIRE_LORAS)
+
+
+def set_require_signed(on: bool, key: str = "require_signed_bundles") -> tuple[Path, Policy]:
     """Write the user's policy file; refuses to claim 'off' while the site or environment keeps it on."""
     path = config_dir() / POLICY_NAME
     data = _read_policy_file(path)
-    data["require_signed_bundles"] = bool(on)
+    data[key] = bool(on)
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-    policy = load_policy()
+    policy = load_lora_policy() if key == LORA_POLICY_KEY else load_policy()
     if not on and policy.require_signed_bundles:
-        raise UsageError(f"signed bundles stay required by {', '.join(policy.sources)}; only that setting can "
-                         "turn it off")
+        raise UsageError(f"signed {'LoRAs' if key == LORA_POLICY_KEY else 'bundles'} stay required by "
+                         f"{', '.join(policy.sources)}; only that setting can turn it off")
     return path, policy
 
 
@@ -337,18 +345,23 @@ def _unb64(text, what: str, sig_path: Path) -> bytes:
     try:
         return base64.b64decode(str(text), validate=True)
     except ValueError:
-        raise BundleError(f"{sig_path} has a malformed {what}; re-sign the bundle") from None
+        raise BundleError(f"{sig_path} has a malformed {what}; re-sign it") from None
 
 
 def sign_bundle(bundle_dir: Path, private_key_path: Path, signer: str | None = None) -> SignatureState:
     """Verify the bundle's files against its manifest, then write manifest.sig over the exact manifest bytes."""
     from app.bundle import manifest as mf
 
-    key, key_name = _load_private(private_key_path)
     root = Path(bundle_dir)
     raw = mf.read_manifest_bytes(root)
     # Check contents before signing: a signature is a statement that these files are good.
     mf.check_bundle(root, raw)
+    return sign_bytes(raw, root / SIG_NAME, private_key_path, signer)
+
+
+def sign_bytes(raw: bytes, sig_path: Path, private_key_path: Path, signer: str | None = None) -> SignatureState:
+    """Write an Ed25519 signature over these exact bytes to sig_path (a bundle's manifest, a LoRA's record)."""
+    key, key_name = _load_private(private_key_path)
     pub_raw = _raw_public(key.public_key())
     signer = (signer or key_name or "").strip().replace("\n", " ") or None
     doc = {
@@ -357,24 +370,23 @@ def sign_bundle(bundle_dir: Path, private_key_path: Path, signer: str | None = N
         "signed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "signature": _b64(key.sign(raw)),
     }
-    atomic_write_bytes(root / SIG_NAME, (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_bytes(sig_path, (json.dumps(doc, indent=2) + "\n").encode())
     trusted = {k.key_id: k for k in trusted_keys()}.get(doc["key_id"])
     return SignatureState(True, doc["key_id"], (trusted.name if trusted else None) or signer, trusted is not None,
                           True)
 
 
-def _read_sig(sig_path: Path) -> dict:
+def _read_sig(sig_path: Path, resign: str) -> dict:
     if sig_path.is_symlink() or not sig_path.is_file():
-        raise BundleError(f"{sig_path} is not a regular file; re-sign the bundle")
+        raise BundleError(f"{sig_path} is not a regular file; {resign}")
     if sig_path.stat().st_size > SIG_MAX_BYTES:
-        raise BundleError(f"{sig_path} is too large to be an edgegen signature; re-sign the bundle")
+        raise BundleError(f"{sig_path} is too large to be an edgegen signature; {resign}")
     try:
         doc = json.loads(sig_path.read_bytes())
     except ValueError:
         doc = None
     if not isinstance(doc, dict) or doc.get("format") != SIG_FORMAT:
-        raise BundleError(f"{sig_path} is not an edgegen signature; re-sign the bundle with: "
-                          f"edgegen sign --bundle {sig_path.parent} --key KEY")
+        raise BundleError(f"{sig_path} is not an edgegen signature; {resign}")
     if doc.get("algorithm") != ALGORITHM:
         raise BundleError(f"{sig_path} uses algorithm {doc.get('algorithm')!r}; edgegen accepts only {ALGORITHM}")
     return doc
@@ -385,42 +397,47 @@ def verify_signature(bundle_dir: Path, manifest_bytes: bytes, policy: Policy | N
     signature always, and on an unsigned or untrusted bundle when signed bundles are required."""
     root = Path(bundle_dir)
     policy = policy or load_policy()
-    sig_path = root / SIG_NAME
-    strict = policy.require_signed_bundles
+    return verify_bytes(
+        manifest_bytes, root / SIG_NAME, policy.require_signed_bundles, policy.sources,
+        subject=f"bundle {root}", resign=f"re-sign the bundle with: edgegen sign --bundle {root} --key KEY",
+        target="manifest.json", changed="the manifest was changed after signing; do not use this bundle, re-export or re-sign it from a "
+                "trusted copy", what="signed bundles")
+
+
+def verify_bytes(raw: bytes, sig_path: Path, strict: bool, sources: tuple[str, ...], *, subject: str, resign: str,
+                 target: str, changed: str, what: str) -> SignatureState:
+    """Check a detached signature over `raw` and apply a signing policy (`strict`, turned on by `sources`)."""
     if not sig_path.exists() and not sig_path.is_symlink():
         if strict:
-            raise BundleError(f"bundle {root} is not signed and {policy.sources[0]} requires signed bundles; "
-                              f"sign it with: edgegen sign --bundle {root} --key KEY")
+            raise BundleError(f"{subject} is not signed and {sources[0]} requires {what}; {resign}")
         return SignatureState(False)
-    doc = _read_sig(sig_path)
+    doc = _read_sig(sig_path, resign)
     key_id, claimed = str(doc.get("key_id", "")), doc.get("signer")
     claimed = str(claimed) if claimed else None
     crypto = _crypto()
     if crypto is None:
         if strict:
-            raise BundleError(f"signed bundles are required here but the signature of {root} cannot be checked "
+            raise BundleError(f"{what} are required here but the signature of {subject} cannot be checked "
                               f"because cryptography is not installed; run: {INSTALL_HINT}")
         return SignatureState(True, key_id, claimed, False, False)
     _, pub_cls, _, invalid = crypto
     embedded = _unb64(doc.get("public_key", ""), "public key", sig_path)
     if len(embedded) != 32 or key_id_of(embedded) != key_id:
         raise BundleError(f"{sig_path} names key {key_id} but carries a different public key; the signature is "
-                          "forged or damaged, re-sign the bundle")
+                          f"forged or damaged, {resign}")
     trusted = {k.key_id: k for k in trusted_keys()}.get(key_id)
     # Verify with the trust store's copy when we have one: the embedded key only lets us detect damage in
-    # bundles signed by keys we do not know.
+    # files signed by keys we do not know.
     pub = pub_cls.from_public_bytes(trusted.public_key if trusted else embedded)
     signature = _unb64(doc.get("signature", ""), "signature", sig_path)
     try:
-        pub.verify(signature, manifest_bytes)
+        pub.verify(signature, raw)
     except invalid:
-        raise BundleError(f"the signature in {sig_path} does not match manifest.json (key {key_id}): the "
-                          "manifest was changed after signing; do not use this bundle, re-export or re-sign it "
-                          "from a trusted copy") from None
+        raise BundleError(f"the signature in {sig_path} does not match {target} (key {key_id}): {changed}") from None
     if trusted is None and strict:
         who = f"'{claimed}' (key {key_id})" if claimed else f"key {key_id}"
-        raise BundleError(f"bundle {root} is signed by {who}, which this machine does not trust, and "
-                          f"{policy.sources[0]} requires trusted signatures; trust the site key with: "
+        raise BundleError(f"{subject} is signed by {who}, which this machine does not trust, and "
+                          f"{sources[0]} requires trusted signatures; trust the site key with: "
                           "edgegen trust add PUBKEY")
     return SignatureState(True, key_id, (trusted.name if trusted else None) or claimed, trusted is not None, True)
 

@@ -115,7 +115,7 @@ class Replica:
         import ray
 
         from app.runtime.audit import AuditLog
-        from app.runtime.generate import image_metadata
+        from app.runtime.generate import image_metadata, lora_metadata
 
         meta = image_metadata(loaded.bundle, loaded.backend, result)
         r, b = result.request, loaded.bundle
@@ -123,7 +123,7 @@ class Replica:
                      seed=r.seed, steps=r.steps, guidance=r.guidance, width=r.width, height=r.height,
                      backend=loaded.backend.name, precision=b.precision, bundle=str(b.root),
                      node=ray.get_runtime_context().get_node_id(), replica_pid=os.getpid(),
-                     gpu=f"{self.gpu.name} (sm{self.gpu.sm})" if self.gpu else "CPU")
+                     gpu=f"{self.gpu.name} (sm{self.gpu.sm})" if self.gpu else "CPU", **lora_metadata(result))
         if self._audit is None:  # this node's own audit log: what ran here, whichever server asked
             self._audit = AuditLog(self.audit_path, redact_prompts=self.redact_prompts)
         self._audit.record(**audit, prompt=r.prompt, negative_prompt=r.negative_prompt, source="cluster-replica",

@@ -195,8 +195,61 @@ WRAPPERS = {
 }
 
 
-def wrap(spec, module: nn.Module) -> nn.Module:
-    return WRAPPERS[spec.wrapper](module).eval()
+def lora_slots(transformer: nn.Module) -> list[dict]:
+    """The layers a run-time LoRA can target: every nn.Linear of the transformer, in module order, named as
+    LoRA files name them (diffusers' module paths: `transformer_blocks.0.attn.to_q`)."""
+    return [{"module": n, "in": m.in_features, "out": m.out_features}
+            for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+
+
+class LoraSlots(nn.Module):
+    """A transformer wrapper with a low-rank side branch on each slot's nn.Linear: y = W x + B (A x).
+
+    A (rank x in) and B (out x rank) are extra inputs after the wrapper's own, one pair per slot, so the graph
+    and its engines serve any LoRA, or several at once, with no rebuild. The branch is a forward hook: it
+    survives ModelOpt's module conversion (FP8 calibration) and adds nothing when the hooks are not armed."""
+
+    def __init__(self, inner: nn.Module, n_base: int, slots: list[dict]):
+        super().__init__()
+        self.inner, self.n_base = inner, n_base
+        self._armed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.slots = [s["module"] for s in slots]
+        for i, name in enumerate(self.slots):
+            inner.transformer.get_submodule(name).register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def add_branch(_module, args, out):
+            if i not in self._armed:
+                return out
+            a, b = self._armed[i]
+            x = args[0]
+            return out + torch.matmul(torch.matmul(x, a.to(x.dtype).t()), b.to(x.dtype).t())
+        return add_branch
+
+    def run(self, *args):
+        lora = args[self.n_base:]
+        self._armed = {i: (lora[2 * i], lora[2 * i + 1]) for i in range(len(self.slots))}
+        try:
+            return self.inner(*args[: self.n_base])
+        finally:
+            self._armed = {}
+
+
+def wrap(spec, module: nn.Module, slots: list[dict] | None = None) -> nn.Module:
+    """The family wrapper; with `slots` (a run-time LoRA bundle's transformer) inside LoraSlots."""
+    inner = WRAPPERS[spec.wrapper](module)
+    if slots:
+        n_base = sum(not t.name.startswith("lora_") for t in spec.inputs)
+        inner = _named_forward(LoraSlots, tuple(t.name for t in spec.inputs))(inner, n_base, slots)
+    return inner.eval()
+
+
+def _named_forward(base: type, names: tuple[str, ...], name: str | None = None) -> type:
+    """A subclass of `base` whose forward takes `names` as parameters and calls base.run with them: the
+    exporter needs a fixed signature, one parameter per graph input."""
+    ns: dict = {}
+    exec(f"def forward(self, {', '.join(names)}):\n    return self.run({', '.join(names)})", ns)  # noqa: S102
+    return type(name or base.__name__, (base,), {"forward": ns["forward"]})
 
 
 class _Boundary(nn.Module):
@@ -215,12 +268,10 @@ class _Boundary(nn.Module):
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
-def wrap_in_dtype(spec, module: nn.Module, dtype: torch.dtype, keep=frozenset()) -> nn.Module:
+def wrap_in_dtype(spec, module: nn.Module, dtype: torch.dtype, keep=frozenset(),
+                  slots: list[dict] | None = None) -> nn.Module:
     """wrap(spec, module) for a module loaded in `dtype`, with FP32 tensors at its boundary (see _Boundary).
     The forward takes the spec's input names as its parameters: the exporter needs a fixed signature."""
     names = tuple(t.name for t in spec.inputs)
-    ns: dict = {}
-    exec(f"def forward(self, {', '.join(names)}):\n    return self.run({', '.join(names)})", ns)  # noqa: S102
-    cls = type(f"{WRAPPERS[spec.wrapper].__name__}In{str(dtype).split('.')[-1]}", (_Boundary,),
-               {"forward": ns["forward"]})
-    return cls(wrap(spec, module), names, dtype, frozenset(keep)).eval()
+    cls = _named_forward(_Boundary, names, f"{WRAPPERS[spec.wrapper].__name__}In{str(dtype).split('.')[-1]}")
+    return cls(wrap(spec, module, slots), names, dtype, frozenset(keep)).eval()

@@ -25,8 +25,15 @@ def image_metadata(bundle, backend, result) -> dict:
         "guidance": r.guidance, "width": r.width, "height": r.height, "model": bundle.manifest["source"]["name"],
         "family": bundle.manifest["family"], "bundle_sha256": bundle.manifest_sha256, "backend": backend.name,
         "precision": bundle.precision, "edgegen": __version__,
-        **image_inputs_metadata(result),
+        **image_inputs_metadata(result), **lora_metadata(result),
     }
+
+
+def lora_metadata(result) -> dict:
+    """The run-time LoRAs of the request (name, strength, sha256), only when it had any."""
+    loras = getattr(result, "loras", None) or []
+    return {"loras": [{"name": r["name"], "strength": r["strength"], "sha256": r["sha256"]} for r in loras]} \
+        if loras else {}
 
 
 def image_inputs_metadata(result) -> dict:
@@ -44,7 +51,8 @@ def image_inputs_metadata(result) -> dict:
 def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt: str = "", seed: int = 0,
                    steps=None, guidance=None, width=None, height=None, backend: str = "auto", model=None,
                    count: int = 1, say: Callable[[str], None] = print, step_bar=None, device: str = "auto",
-                   low_vram: bool | None = None, images: tuple = (), strength: float | None = None) -> list[Path]:
+                   low_vram: bool | None = None, images: tuple = (), strength: float | None = None,
+                   loras: tuple = ()) -> list[Path]:
     from app.errors import UsageError
     from app.runtime.references import check_cli_images, check_count_and_strength, check_images, read_image
 
@@ -56,7 +64,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
 
     where = parse_device(device)  # a bad --device is refused before the bundle is hashed
     check_cli_images(images, None, strength, None)  # files exist and are images, strength in (0, 1]
-    if images or strength is not None:  # count, family and encoder from the manifest alone, before hashing
+    if images or strength is not None or loras:  # count, family, encoder, LoRAs from the manifest, before hashing
         from app.errors import EdgegenError
 
         try:
@@ -66,6 +74,9 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
         if unverified is not None:
             check_count_and_strength(unverified, tuple(images), strength)
             check_images(unverified, [read_image(p) for p in images])
+            from app.runtime.loras import check_choices
+
+            check_choices(unverified.manifest, loras, bundle=f"bundle {bundle_dir}")
     bundle = load_bundle(bundle_dir)
     say(f"signature: {bundle.signature.describe()}")
     be, reason = make_backend(bundle, backend, model, device=where)
@@ -77,7 +88,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
     for path, s in zip(output_paths(out, seed, count), range(seed, seed + count)):
         req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps,
                                 guidance=guidance, width=width, height=height, images=tuple(map(str, images)),
-                                strength=strength)
+                                strength=strength, loras=tuple(loras))
         if step_bar is None:
             result = pipe.generate(req)
         else:
@@ -104,5 +115,5 @@ def _audit(bundle, backend, result, path: Path) -> None:
         model=bundle.manifest["source"]["name"], family=bundle.manifest["family"],
         bundle_sha=bundle.manifest_sha256, seed=r.seed, steps=r.steps, guidance=r.guidance, width=r.width,
         height=r.height, backend=backend.name, precision=bundle.precision, output=str(Path(path).absolute()),
-        prompt=r.prompt, negative_prompt=r.negative_prompt,
+        prompt=r.prompt, negative_prompt=r.negative_prompt, **lora_metadata(result),
     )

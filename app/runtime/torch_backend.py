@@ -35,12 +35,23 @@ class TorchBackend:
             from app.models.loading import load_component
             from app.models.wrappers import wrap
 
-            spec = self.folder.family.component(component)
-            self._modules[component] = wrap(spec, load_component(self.folder, spec.source)).to(self.device)
+            spec = self.spec(component)
+            module = wrap(spec, load_component(self.folder, spec.source), self.slots(component))
+            self._modules[component] = module.to(self.device)
         return self._modules[component]
 
+    def spec(self, component: str):
+        """The component's inputs as the bundle has them (with a run-time LoRA bundle's side-branch inputs)."""
+        from app.bundle.families import component_spec
+
+        return component_spec(self.folder.family, self.bundle.manifest, component)
+
+    def slots(self, component: str) -> list[dict] | None:
+        """A run-time LoRA bundle's side-branch layers for this component (None: no LoRA inputs)."""
+        return (self.bundle.components()[component].get("lora") or {}).get("slots")
+
     def run(self, component, inputs):
-        spec = self.folder.family.component(component)
+        spec = self.spec(component)
         with torch.no_grad():
             out = self.module(component)(*[inputs[t.name] for t in spec.inputs])
         out = out if isinstance(out, tuple) else (out,)

@@ -205,7 +205,7 @@ class Worker(threading.Thread):
 
     def _save(self, job: Job, loaded: Loaded, result, path: Path) -> None:
         from app.runtime.audit import AuditLog
-        from app.runtime.generate import image_metadata
+        from app.runtime.generate import image_metadata, lora_metadata
         from app.runtime.images import save_png
 
         meta = image_metadata(loaded.bundle, loaded.backend, result)
@@ -218,6 +218,7 @@ class Worker(threading.Thread):
             seed=r.seed, steps=r.steps, guidance=r.guidance, width=r.width, height=r.height,
             backend=loaded.backend.name, precision=b.precision, output=str(path.absolute()), prompt=r.prompt,
             negative_prompt=r.negative_prompt, source="api", prompt_id=job.id, client_id=job.client_id,
+            **lora_metadata(result),
         )
 
     def _pipeline(self, bundle_dir: str) -> Loaded:

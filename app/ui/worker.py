@@ -181,7 +181,7 @@ class GenerationWorker(QObject):
         return on_step
 
     def _save(self, job, loaded: Loaded, result):
-        from app.runtime.generate import image_metadata
+        from app.runtime.generate import image_metadata, lora_metadata
         from app.runtime.images import save_png
         from app.ui.history import thumbnail_png
         from app.ui.jobs import JobResult
@@ -206,7 +206,7 @@ class GenerationWorker(QObject):
             model=b.manifest["source"]["name"], family=b.manifest["family"], bundle_sha=b.manifest_sha256,
             seed=r.seed, steps=r.steps, guidance=r.guidance, width=r.width, height=r.height,
             backend=loaded.backend.name, precision=b.precision, output=str(path), prompt=r.prompt,
-            negative_prompt=r.negative_prompt, event="generate", client="app",
+            negative_prompt=r.negative_prompt, event="generate", client="app", **lora_metadata(result),
         )
 
 

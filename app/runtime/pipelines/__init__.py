@@ -7,7 +7,7 @@ from app.runtime.backend import Backend
 from app.runtime.pipelines.base import Cancel, GenerationRequest, Pipeline, StepCallback  # noqa: F401
 
 
-def make_pipeline(bundle: Bundle, backend: Backend, low_vram: bool | None = None) -> Pipeline:
+def make_pipeline(bundle: Bundle, backend: Backend, low_vram: bool | None = None, lora_library=None) -> Pipeline:
     """The family's pipeline on the backend's device.
 
     `low_vram` releases each stage's components after use (text encoders before denoising, the transformer
@@ -19,7 +19,7 @@ def make_pipeline(bundle: Bundle, backend: Backend, low_vram: bool | None = None
     if low_vram is None:
         low_vram = staging_plan(bundle, backend).low_vram if _on_cuda(backend) else False
     by_family = {"flux2-klein": KleinPipeline, "sd3.5": SD3Pipeline}
-    return by_family[bundle.manifest["family"]](bundle, backend, low_vram=low_vram)
+    return by_family[bundle.manifest["family"]](bundle, backend, low_vram=low_vram, lora_library=lora_library)
 
 
 def _on_cuda(backend: Backend) -> bool:

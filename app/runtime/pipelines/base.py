@@ -42,6 +42,8 @@ class GenerationRequest:
     # paths, read on the host in prepare; with images, the size defaults to the (first) image's.
     images: tuple[str, ...] = ()
     strength: float | None = None  # SD3.5 image-to-image only; None: diffusers' default 0.6
+    # Run-time LoRAs from the site library, (name, strength) each (bundles exported with --runtime-lora)
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -51,6 +53,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     references: list[dict] = field(default_factory=list)  # name, sha256, path, size of each input image
+    loras: list[dict] = field(default_factory=list)  # name, strength, sha256, rank, signature of each LoRA
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)  # CPU, NCHW in [-1, 1], ready for the VAE encoder
     references: list[dict] = field(default_factory=list)  # what the metadata records about each input image
+    lora: dict = field(default_factory=dict)  # CPU side-branch inputs of a run-time LoRA bundle (app/runtime/loras)
+    loras: list[dict] = field(default_factory=list)  # what the metadata records about each LoRA
 
 
 class Pipeline:
@@ -74,8 +79,11 @@ class Pipeline:
     #: components released before denoising / before decoding when the plan stages memory (low VRAM)
     text_encoders: tuple[str, ...] = ()
 
-    def __init__(self, bundle: Bundle, backend: Backend, low_vram: bool = False):
+    def __init__(self, bundle: Bundle, backend: Backend, low_vram: bool = False, lora_library=None):
         self.bundle, self.backend = bundle, backend
+        self.lora_library = lora_library  # the LoRA library folder; None: app/bundle/loras.library_dir()
+        # The last LoRA choice's inputs on the device: a request with the same LoRAs uploads nothing.
+        self._lora_device: tuple[tuple, dict] | None = None
         self.device: torch.device = getattr(backend, "device", torch.device("cpu"))
         self.low_vram = low_vram
         self.warnings: list[str] = []
@@ -161,9 +169,11 @@ class Pipeline:
 
     def prepare(self, req: GenerationRequest) -> Job:
         """Host-side work for one image: nothing here touches the backend or the device."""
+        from app.runtime.loras import lora_inputs
         from app.runtime.references import check_count_and_strength, read_image
 
         check_count_and_strength(self.bundle, tuple(req.images), req.strength)
+        lora, loras = lora_inputs(self.bundle.manifest, req.loras, self.lora_library, f"bundle {self.bundle.root}")
         inputs = [read_image(p) for p in req.images]
         req = self.resolve(req, self.image_size(req, inputs) if inputs else None)
         self.warnings = []
@@ -171,7 +181,7 @@ class Pipeline:
         noise, state = self.initial_noise(req)
         timesteps, sigmas = self.schedule(req, state)
         job = Job(req, tokens, noise, timesteps, sigmas, state, list(self.warnings),
-                  references=[i.record() for i in inputs])
+                  references=[i.record() for i in inputs], lora=lora, loras=loras)
         if inputs:
             self.prepare_images(job, inputs)
         return job
@@ -191,7 +201,7 @@ class Pipeline:
         cond = self.encode_cached(job) if cond is None else cond
         if self.low_vram:  # the plan says the components do not fit together: text encoders leave first
             self.release(self.text_encoders)
-        state = self.device_state(job)
+        state = {**self.device_state(job), "lora": self.lora_on_device(job)}
         if job.images:  # the VAE encoder, once per job, before the denoising loop
             state = self.encode_images(job, state)
             if self.low_vram:
@@ -221,6 +231,14 @@ class Pipeline:
         timings["decode"] = time.perf_counter() - t2
         return image
 
+    def lora_on_device(self, job: Job) -> dict:
+        """The job's LoRA inputs on the device, moved once per LoRA choice (the transformer's extra feeds)."""
+        key = tuple((r["sha256"], r["strength"]) for r in job.loras)
+        if self._lora_device is None or self._lora_device[0] != key:
+            self._lora_device = None  # never two choices' tensors on the device at once
+            self._lora_device = (key, {k: self.to_device(v) for k, v in job.lora.items()})
+        return self._lora_device[1]
+
     def release(self, components) -> None:
         release = getattr(self.backend, "release", None)
         if release is not None:
@@ -243,7 +261,7 @@ class Pipeline:
             raise self._gpu_failure(e, job.req, timings) from None
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings),
-                                references=list(job.references))
+                                references=list(job.references), loras=list(job.loras))
 
     def _gpu_failure(self, exc: BaseException, req: GenerationRequest, timings: dict):
         """A GPU failure as one sentence with the numbers: the plan's peak for this size and NVML's free bytes."""

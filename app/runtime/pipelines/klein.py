@@ -135,7 +135,7 @@ class KleinPipeline(Pipeline):
         timestep = torch.full((batch,), t, dtype=torch.float32, device=self.device) / 1000
         out = self.backend.run("transformer", {
             "hidden_states": x, "encoder_hidden_states": embeds, "timestep": timestep,
-            "img_ids": state["img_ids"], "txt_ids": state["txt_ids"],
+            "img_ids": state["img_ids"], "txt_ids": state["txt_ids"], **state["lora"],
         })["noise_pred"]
         if refs is not None:  # the prediction for the noisy tokens only
             out = out.narrow(1, 0, latents.shape[1])

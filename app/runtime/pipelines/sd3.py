@@ -135,6 +135,7 @@ class SD3Pipeline(Pipeline):
         pred = self.backend.run("transformer", {
             "hidden_states": x, "encoder_hidden_states": embeds, "pooled_projections": pooled,
             "timestep": torch.full((x.shape[0],), t, dtype=torch.float32, device=self.device),
+            **state["lora"],
         })["noise_pred"].float()
         if cfg:
             uncond, text = pred.chunk(2)

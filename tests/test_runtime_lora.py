@@ -1,0 +1,272 @@
+"""Run-time LoRA (issue 25): one bundle, any library LoRA per request, against diffusers' own run-time LoRA.
+
+The bundles are the held-out variants (tests/conftest.py: variant_bundle), exported with --runtime-lora 16. The
+LoRAs here have ranks, alphas and target sets the runtime was not written against, and the reference is
+diffusers' pipeline with the same file loaded (load_lora_weights + set_adapters), same folder, same seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.cli import main
+from app.runtime.images import psnr
+from tests.conftest import VARIANT_LORA_RANK, variant_bundle
+
+PIPES = {"flux2-klein": "Flux2KleinPipeline", "sd3.5": "StableDiffusion3Pipeline"}
+TRANSFORMERS = {"flux2-klein": "Flux2Transformer2DModel", "sd3.5": "SD3Transformer2DModel"}
+
+
+def make_lora(model: Path, family: str, out: Path, r: int, alpha: float, targets: list[str], seed: int,
+              gain: float = 1.0) -> Path:
+    """A diffusers-layout LoRA file for the model's transformer, with random A and B (peft init off), its alpha in
+    the file's adapter metadata as diffusers' training scripts save it."""
+    import diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    tr = getattr(diffusers, TRANSFORMERS[family]).from_pretrained(model / "transformer")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    tr.add_adapter(cfg)
+    state = {k: v * gain for k, v in get_peft_model_state_dict(tr).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    getattr(diffusers, PIPES[family]).save_lora_weights(
+        out, transformer_lora_layers=state, transformer_lora_adapter_metadata=cfg.to_dict())
+    return next(out.glob("*.safetensors"))
+
+
+class Reference:
+    """diffusers' pipeline for one model folder with LoRAs loaded as adapters, switched per image."""
+
+    def __init__(self, model: Path, family: str, loras: dict[str, Path]):
+        import diffusers
+
+        self.pipe = getattr(diffusers, PIPES[family]).from_pretrained(model, local_files_only=True)
+        for name, path in loras.items():
+            self.pipe.load_lora_weights(path, adapter_name=name)
+
+    def image(self, choice: list[tuple[str, float]], prompt, seed, steps, guidance, w, h, **kw) -> np.ndarray:
+        if choice:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([n for n, _ in choice], [s for _, s in choice])
+        else:
+            self.pipe.disable_lora()
+        out = self.pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=w, height=h,
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kw).images[0]
+        return (out * 255).round().astype(np.uint8)
+
+
+def add(path: Path, name: str, *extra: str) -> None:
+    assert main(["lora", "add", str(path), "--name", name, *extra]) == 0
+
+
+# Target sets unlike the development LoRA's (to_q, to_k, to_qkv_mlp_proj): value/output projections, the text
+# stream, the feed-forwards, the single block's output, embedders and the final projection.
+KLEIN_A = dict(r=5, alpha=10.0, gain=4.0, targets=["to_v", "add_v_proj", "to_out.0", "ff.linear_out",
+                                                     "single_transformer_blocks.0.attn.to_out"])
+KLEIN_B = dict(r=2, alpha=1.0, gain=4.0, targets=["to_q", "ff_context.linear_in", "x_embedder", "proj_out", "to_qkv_mlp_proj"])
+SD3_A = dict(r=6, alpha=3.0, gain=3.0, targets=["to_k", "add_q_proj", "ff.net.0.proj", "to_add_out", "proj_out"])
+
+
+@pytest.fixture(scope="module")
+def klein_cfg(tmp_path_factory):
+    """The Klein base variant (CFG on) with two LoRAs of its own shapes."""
+    model, bundle = variant_bundle(tmp_path_factory, "lat16-base-cfg")
+    d = tmp_path_factory.mktemp("klein-loras")
+    return model, bundle, {"brand-a": make_lora(model, "flux2-klein", d / "a", seed=1, **KLEIN_A),
+                           "brand-b": make_lora(model, "flux2-klein", d / "b", seed=2, **KLEIN_B)}
+
+
+def test_switching_loras_between_requests_gives_diffusers_image_for_each(klein_cfg):
+    """One loaded pipeline, four requests: A, B, A + B at two strengths, none; each equals diffusers' run-time
+    LoRA image for its own choice, and each LoRA visibly changes the image."""
+    from app.bundle.manifest import load_bundle
+    from app.runtime.backend import make_backend
+    from app.runtime.pipelines import GenerationRequest, make_pipeline
+
+    model, bundle_dir, files = klein_cfg
+    for name, path in files.items():
+        add(path, name)
+    bundle = load_bundle(bundle_dir)
+    backend, _ = make_backend(bundle, "onnxruntime")
+    pipe = make_pipeline(bundle, backend)
+    ref = Reference(model, "flux2-klein", files)
+    images = {}
+    for choice in ([("brand-a", 0.8)], [("brand-b", 1.0)], [("brand-a", 0.6), ("brand-b", -0.5)], []):
+        result = pipe.generate(GenerationRequest(prompt="a red circle", seed=4, steps=3, guidance=3.0, width=64,
+                                                 height=48, loras=tuple(choice)))
+        expect = ref.image(choice, "a red circle", 4, 3, 3.0, 64, 48)
+        assert psnr(result.image, expect) >= 60, choice
+        assert [(r["name"], r["strength"]) for r in result.loras] == choice
+        images[tuple(choice)] = result.image
+    plain = images[()]
+    for choice, img in images.items():
+        if choice:
+            assert psnr(img, plain) < 40, choice  # the LoRA took effect (not a zero branch)
+
+
+def test_cli_lora_on_a_model_without_cfg_and_its_records(tmp_path_factory, tmp_path):
+    """generate --lora on the grouped-query Klein variant (distilled, CFG off), with PNG metadata and audit."""
+    model, bundle = variant_bundle(tmp_path_factory, "lat8-heads3-gqa")
+    path = make_lora(model, "flux2-klein", tmp_path / "l", seed=3, **KLEIN_B)
+    add(path, "brand-c", "--bundle", str(bundle))
+    out = tmp_path / "c.png"
+    assert main(["generate", "--bundle", str(bundle), "--prompt", "a blue square", "--seed", "2", "--steps", "3",
+                 "--guidance", "1", "--width", "48", "--height", "64", "--lora", "brand-c:1.3", "--out",
+                 str(out)]) == 0
+    ours = np.asarray(Image.open(out).convert("RGB"))
+    ref = Reference(model, "flux2-klein", {"c": path})
+    assert psnr(ours, ref.image([("c", 1.3)], "a blue square", 2, 3, 1.0, 48, 64)) >= 60
+    assert psnr(ours, ref.image([], "a blue square", 2, 3, 1.0, 48, 64)) < 40
+    from app.bundle.files import sha256_file
+
+    sha = sha256_file(path)
+    meta = json.loads(Image.open(out).info["edgegen"])
+    assert meta["loras"] == [{"name": "brand-c", "strength": 1.3, "sha256": sha}]
+    audit = [json.loads(line) for line in (tmp_path / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["loras"] == meta["loras"]
+
+
+def test_sd3_runtime_lora_with_cfg_matches_diffusers(tmp_path_factory, tmp_path):
+    model, bundle = variant_bundle(tmp_path_factory, "sd3-odd")
+    path = make_lora(model, "sd3.5", tmp_path / "s", seed=4, **SD3_A)
+    add(path, "sd-brand")
+    out = tmp_path / "s.png"
+    args = ["--prompt", "a red circle", "--negative-prompt", "blurry", "--seed", "5", "--steps", "3",
+            "--guidance", "4.5", "--width", "48", "--height", "36"]
+    assert main(["generate", "--bundle", str(bundle), *args, "--lora", "sd-brand:0.7", "--out", str(out)]) == 0
+    ours = np.asarray(Image.open(out).convert("RGB"))
+    ref = Reference(model, "sd3.5", {"s": path})
+    kw = dict(negative_prompt="blurry")
+    assert psnr(ours, ref.image([("s", 0.7)], "a red circle", 5, 3, 4.5, 48, 36, **kw)) >= 60
+    assert psnr(ours, ref.image([], "a red circle", 5, 3, 4.5, 48, 36, **kw)) < 40
+
+
+def test_the_manifest_records_the_slots_and_engines_profile_the_rank(tmp_path_factory):
+    from app.bundle.families import lora_input_names
+
+    _, bundle = variant_bundle(tmp_path_factory, "sd3-odd")
+    m = json.loads((bundle / "manifest.json").read_text())
+    lora = m["components"]["transformer"]["lora"]
+    assert lora["max_rank"] == VARIANT_LORA_RANK and len(lora["slots"]) > 20
+    names = {i["name"]: i["shape"] for i in m["components"]["transformer"]["inputs"]}
+    for i, slot in enumerate(lora["slots"]):
+        a, b = lora_input_names(i)
+        assert names[a] == ["lora_rank", slot["in"]] and names[b] == [slot["out"], "lora_rank"]
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, before any work
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if not ln.startswith(("[", "signature:", "backend:"))]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def library_loras(tmp_path_factory):
+    """LoRA files for the refusals: an SD3 one, one of other Klein shapes, one above the bundle's rank."""
+    klein_model, _ = variant_bundle(tmp_path_factory, "lat16-base-cfg")
+    gqa_model, _ = variant_bundle(tmp_path_factory, "lat8-heads3-gqa")
+    sd3_model, _ = variant_bundle(tmp_path_factory, "sd3-odd")
+    d = tmp_path_factory.mktemp("bad-loras")
+    return {
+        "sd3": make_lora(sd3_model, "sd3.5", d / "sd3", 2, 2.0, ["to_q"], 0),
+        "other-shapes": make_lora(gqa_model, "flux2-klein", d / "gqa", 2, 2.0, ["to_q"], 0),
+        "too-big": make_lora(klein_model, "flux2-klein", d / "big", VARIANT_LORA_RANK + 4, 1.0, ["to_q"], 0),
+        "fine": make_lora(klein_model, "flux2-klein", d / "fine", 4, 4.0, ["to_k"], 0),
+    }
+
+
+def test_bad_lora_requests_are_refused_in_one_line(library_loras, tmp_path_factory, tmp_path, capsys,
+                                                   monkeypatch):
+    _, bundle = variant_bundle(tmp_path_factory, "lat16-base-cfg")
+    for name in ("sd3", "other-shapes", "too-big", "fine"):
+        add(library_loras[name], name, "--family", "sd3.5" if name == "sd3" else "flux2-klein")
+    capsys.readouterr()
+    out = tmp_path / "x.png"
+
+    def refused(*lora: str, needle: str):
+        rc = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--steps", "1", "--out", str(out),
+                   *[a for item in lora for a in ("--lora", item)]])
+        line = _one_line(capsys)
+        assert rc == 2 and needle in line, line
+        assert "signature:" not in capsys.readouterr().err  # refused before the bundle was hashed or loaded
+        assert not out.exists()
+
+    refused("sd3", needle="is for Stable Diffusion 3.5")
+    refused("other-shapes", needle="made for another")
+    refused("too-big", needle=f"re-export with --runtime-lora {VARIANT_LORA_RANK + 4}")
+    refused("fine", "fine:2", needle="chosen twice")
+    refused("no-such", needle="no LoRA named 'no-such'")
+    for strength in ("nan", "11", "abc"):
+        rc = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--out", str(out), "--lora",
+                   f"fine:{strength}"])
+        assert rc == 2 and "strength" in capsys.readouterr().err
+    # a file that changed after it was added, and one that is gone
+    lib = tmp_path / "loras"
+    (lib / "fine.safetensors").write_bytes((lib / "fine.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    rc = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--steps", "1", "--out", str(out),
+               "--lora", "fine"])
+    assert rc == 2 and "does not match its record's sha256" in capsys.readouterr().err and not out.exists()
+    (lib / "fine.safetensors").unlink()
+    rc = main(["generate", "--bundle", str(bundle), "--prompt", "x", "--steps", "1", "--out", str(out),
+               "--lora", "fine"])
+    assert rc == 2 and "is missing" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_bundle_without_lora_inputs_says_how_to_get_them(klein_bundle, library_loras, tmp_path, capsys):
+    add(library_loras["fine"], "fine", "--family", "flux2-klein")
+    capsys.readouterr()
+    rc = main(["generate", "--bundle", str(klein_bundle), "--prompt", "x", "--out", str(tmp_path / "x.png"),
+               "--lora", "fine"])
+    line = _one_line(capsys)
+    assert rc == 2 and "--runtime-lora" in line
+
+
+def test_library_add_refuses_pickle_and_unknown_layouts(tmp_path, capsys):
+    pickle = tmp_path / "brand.safetensors"
+    torch.save({"x": torch.zeros(2)}, pickle)
+    assert main(["lora", "add", str(pickle), "--family", "flux2-klein"]) == 2
+    assert "not a safetensors file" in _one_line(capsys)
+    from safetensors.torch import save_file
+
+    dora = tmp_path / "dora.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 64),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 2),
+               "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.zeros(64)}, dora)
+    assert main(["lora", "add", str(dora), "--family", "flux2-klein"]) == 2
+    assert "plain LoRA" in _one_line(capsys)
+    assert not (tmp_path / "loras" / "dora.lora.json").exists()
+
+
+def test_signed_lora_policy(library_loras, tmp_path_factory, tmp_path, capsys):
+    _, bundle = variant_bundle(tmp_path_factory, "lat16-base-cfg")
+    add(library_loras["fine"], "fine", "--bundle", str(bundle))
+    assert main(["keys", "generate", "--out", str(tmp_path / "keys"), "--name", "Site"]) == 0
+    assert main(["trust", "policy", "--require-signed-loras", "on"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "s.png"
+    args = ["generate", "--bundle", str(bundle), "--prompt", "x", "--steps", "1", "--width", "32", "--height",
+            "32", "--lora", "fine", "--out", str(out)]
+    assert main(args) == 2
+    line = _one_line(capsys)
+    assert "not signed" in line and "edgegen lora sign fine" in line and not out.exists()
+    assert main(["lora", "sign", "fine", "--key", str(tmp_path / "keys" / "Site.key")]) == 0
+    assert main(args) == 2 and "does not trust" in capsys.readouterr().err  # signed, but not by a trusted key
+    assert main(["trust", "add", str(tmp_path / "keys" / "Site.pub")]) == 0
+    assert main(["lora", "check", "fine", "--bundle", str(bundle)]) == 0
+    assert "trusted" in capsys.readouterr().out
+    assert main(args) == 0 and out.exists()
+    # a record edited after signing (say, a different sha256 for a swapped file) no longer verifies
+    rec = tmp_path / "loras" / "fine.lora.json"
+    rec.write_text(rec.read_text().replace('"rank": 4', '"rank": 3'))
+    assert main(args) == 2 and "does not match fine.lora.json" in capsys.readouterr().err
