@@ -256,3 +256,24 @@ if __name__ == "__main__":  # python -m export.synthetic klein|sd3 OUT_DIR: a ti
     (out / "edgegen_defaults.json").write_text(json.dumps({"min_size": 32, "max_size": 256, "width": 128,
                                                            "height": 128, "note": "tiny random model, draws noise"}))
     print(out)
+
+
+def save_lora(model: Path, family: str, out: Path, r: int, alpha: float, targets: list[str], seed: int,
+              gain: float = 1.0) -> Path:
+    """A random diffusers-layout LoRA file for a model folder's transformer (peft's init off: A and B random,
+    B times `gain`), with its alpha in the adapter metadata, as diffusers' training scripts save it. For tests
+    and benchmarks (run-time LoRA, docs/LORA.md)."""
+    import diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    cls = {"flux2-klein": ("Flux2Transformer2DModel", "Flux2KleinPipeline"),
+           "sd3.5": ("SD3Transformer2DModel", "StableDiffusion3Pipeline")}[family]
+    torch.manual_seed(seed)
+    tr = getattr(diffusers, cls[0]).from_pretrained(Path(model) / "transformer")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    tr.add_adapter(cfg)
+    state = {k: v * gain if "lora_B" in k else v for k, v in get_peft_model_state_dict(tr).items()}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    getattr(diffusers, cls[1]).save_lora_weights(out, transformer_lora_layers=state,
+                                                 transformer_lora_adapter_metadata=cfg.to_dict())
+    return next(Path(out).glob("*.safetensors"))

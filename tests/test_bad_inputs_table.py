@@ -139,6 +139,27 @@ def _bug(c: Ctx) -> None:
     c.monkeypatch.setitem(cli.COMMANDS, "plan", boom)
 
 
+def _library_lora(c: Ctx) -> str:
+    """A small LoRA for the session's tiny Klein (one layer, rank 2), added to the test's own library."""
+    import torch
+    from safetensors.torch import save_file
+
+    f = c.tmp / "brand.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 64),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(64, 2)}, f)
+    assert main(["lora", "add", str(f), "--family", "flux2-klein"]) == 0
+    return "brand"
+
+
+def _tiny_st() -> bytes:
+    """A valid safetensors file whose layer names say nothing about its family."""
+    import torch
+    from safetensors.torch import save
+
+    return save({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 64),
+                 "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 2)})
+
+
 def _then(setup, argv):
     """Run `setup(ctx)` (environment, monkeypatching), then build argv."""
     def build(c: Ctx) -> list[str]:
@@ -244,6 +265,18 @@ CASES = [
                                                   lambda c: c.generate()), 2, "EDGEGEN_REQUIRE_SIGNED"),
     Case("generate-disk-full-writing-png", _then(_no_space, lambda c: c.generate()), 1, "No space left"),
     Case("generate-onnxruntime-fails", _then(_ort_fails, lambda c: c.generate()), 1, "ONNX Runtime failed"),
+    # ---------------------------------------------------------------- run-time LoRA (docs/LORA.md)
+    Case("generate-lora-unknown", lambda c: c.generate("--lora", "nope"), 2, "no LoRA named 'nope'"),
+    Case("generate-lora-strength-nan", lambda c: c.generate("--lora", "brand:nan"), 2, "strength nan"),
+    Case("generate-lora-no-inputs", lambda c: c.generate("--lora", _library_lora(c)), 2, "--runtime-lora"),
+    Case("lora-add-missing", lambda c: ["lora", "add", str(c.tmp / "none.safetensors")], 2, "does not exist"),
+    Case("lora-add-pickle", lambda c: ["lora", "add", str(_write(c.tmp / "x.safetensors", b"\x80\x02}q\x00."))],
+         2, "pickle"),
+    Case("lora-add-family-unknown", lambda c: ["lora", "add", str(_write(c.tmp / "x.safetensors", _tiny_st()))],
+         2, "--family"),
+    Case("lora-require-signed-garbage", _then(lambda c: _env(c, EDGEGEN_REQUIRE_SIGNED_LORAS="maybe"),
+                                              lambda c: ["lora", "check", _library_lora(c)]), 2,
+         "EDGEGEN_REQUIRE_SIGNED_LORAS"),
     # ---------------------------------------------------------------- plan
     Case("plan-truncated-safetensors", lambda c: ["plan", "--model", str(_model_with(
         c, lambda m: _truncate(m / "text_encoder")))], 2, "not a complete safetensors file"),

@@ -181,6 +181,8 @@ def test_hundred_rows_on_two_replicas_survive_a_killed_replica_with_no_network(d
     assert out["killed"]["pid"] not in out["replica_pids_after"]  # Ray restarted it as a new process
     assert len(out["replicas_that_generated"]) >= 2  # both nodes' replicas did work
     assert out["guard_in_replicas"] == [True, True]
+    # every replica reads the server's LoRA library (and checks each file's sha256 there, docs/LORA.md)
+    assert out["lora_libraries"] == [str(Path(os.environ["EDGEGEN_LORAS"]).absolute())]
 
     # The network audit: no process of the run attempted anything beyond loopback.
     if strace_log.exists():
@@ -347,6 +349,7 @@ def scenario(bundle: Path, tmp: Path) -> dict:
             result["killed"] = killed
             result["replica_pids_after"] = [w.info["pid"] for w in pool.workers if w.info]
             result["guard_in_replicas"] = [bool(w.info and w.info["guard"]) for w in pool.workers]
+            result["lora_libraries"] = sorted({w.info.get("lora_library") for w in pool.workers if w.info})
             result["listening"] = _listening_addresses()
             worker_pids = [w.info["pid"] for w in pool.workers]
             result["drain"] = drain_phase(cluster, pool, server.url, rows_for(tmp / "rows2.csv", DRAIN_ROWS, 1000),

@@ -17,28 +17,11 @@ from PIL import Image
 
 from app.cli import main
 from app.runtime.images import psnr
+from export import synthetic
 from tests.conftest import VARIANT_LORA_RANK, variant_bundle
 
 PIPES = {"flux2-klein": "Flux2KleinPipeline", "sd3.5": "StableDiffusion3Pipeline"}
-TRANSFORMERS = {"flux2-klein": "Flux2Transformer2DModel", "sd3.5": "SD3Transformer2DModel"}
-
-
-def make_lora(model: Path, family: str, out: Path, r: int, alpha: float, targets: list[str], seed: int,
-              gain: float = 1.0) -> Path:
-    """A diffusers-layout LoRA file for the model's transformer, with random A and B (peft init off), its alpha in
-    the file's adapter metadata as diffusers' training scripts save it."""
-    import diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    tr = getattr(diffusers, TRANSFORMERS[family]).from_pretrained(model / "transformer")
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-    tr.add_adapter(cfg)
-    state = {k: v * gain for k, v in get_peft_model_state_dict(tr).items()}
-    out.mkdir(parents=True, exist_ok=True)
-    getattr(diffusers, PIPES[family]).save_lora_weights(
-        out, transformer_lora_layers=state, transformer_lora_adapter_metadata=cfg.to_dict())
-    return next(out.glob("*.safetensors"))
+make_lora = synthetic.save_lora
 
 
 class Reference:
@@ -68,10 +51,10 @@ def add(path: Path, name: str, *extra: str) -> None:
 
 # Target sets unlike the development LoRA's (to_q, to_k, to_qkv_mlp_proj): value/output projections, the text
 # stream, the feed-forwards, the single block's output, embedders and the final projection.
-KLEIN_A = dict(r=5, alpha=10.0, gain=4.0, targets=["to_v", "add_v_proj", "to_out.0", "ff.linear_out",
+KLEIN_A = dict(r=5, alpha=10.0, gain=16.0, targets=["to_v", "add_v_proj", "to_out.0", "ff.linear_out",
                                                      "single_transformer_blocks.0.attn.to_out"])
-KLEIN_B = dict(r=2, alpha=1.0, gain=4.0, targets=["to_q", "ff_context.linear_in", "x_embedder", "proj_out", "to_qkv_mlp_proj"])
-SD3_A = dict(r=6, alpha=3.0, gain=3.0, targets=["to_k", "add_q_proj", "ff.net.0.proj", "to_add_out", "proj_out"])
+KLEIN_B = dict(r=2, alpha=1.0, gain=16.0, targets=["to_q", "ff_context.linear_in", "x_embedder", "proj_out", "to_qkv_mlp_proj"])
+SD3_A = dict(r=6, alpha=3.0, gain=9.0, targets=["to_k", "add_q_proj", "ff.net.0.proj", "to_add_out", "proj_out"])
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +253,141 @@ def test_signed_lora_policy(library_loras, tmp_path_factory, tmp_path, capsys):
     rec = tmp_path / "loras" / "fine.lora.json"
     rec.write_text(rec.read_text().replace('"rank": 4', '"rank": 3'))
     assert main(args) == 2 and "does not match fine.lora.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the API and batch
+
+
+def test_api_lora_loader_takes_lora_name_from_the_library(klein_cfg, tmp_path):
+    """ComfyUI's LoraLoader / LoraLoaderModelOnly by lora_name, per request, on one served bundle."""
+    import requests
+
+    from tests.test_server_helpers import start_server, t2i_graph, wait_history
+
+    model, bundle, files = klein_cfg
+    for name, path in files.items():
+        add(path, name)
+    ref = Reference(model, "flux2-klein", files)
+
+    def graph(loras):
+        g = t2i_graph(ckpt=bundle.name, seed=6, steps=3, width=64, height=48)
+        g["3"]["inputs"]["cfg"] = 3.0
+        src = ["4", 0]
+        for i, (name, strength, kind) in enumerate(loras):
+            node = f"1{i}"
+            g[node] = {"class_type": kind, "inputs": {"lora_name": f"{name}.safetensors", "strength_model": strength,
+                                                      "model": src}}
+            if kind == "LoraLoader":
+                g[node]["inputs"].update(strength_clip=1.0, clip=["4", 1])
+            src = [node, 0]
+        g["3"]["inputs"]["model"] = src
+        return g
+
+    with start_server(tmp_path / "srv", bundle) as s:
+        cases = [[("brand-a", 0.8, "LoraLoader")], [("brand-b", 1.0, "LoraLoaderModelOnly")],
+                 [("brand-a", 0.5, "LoraLoader"), ("brand-b", -0.4, "LoraLoaderModelOnly")]]
+        for loras in cases:
+            r = requests.post(f"{s.url}/prompt", json={"prompt": graph(loras)}, timeout=30)
+            assert r.status_code == 200, r.text
+            h = wait_history(s.url, r.json()["prompt_id"])
+            img = h["outputs"]["9"]["images"][0]
+            ours = np.asarray(Image.open(tmp_path / "srv" / "output" / img["subfolder"] / img["filename"]))
+            expect = ref.image([(n, st) for n, st, _ in loras], "a red circle on a blue background", 6, 3, 3.0,
+                               64, 48)
+            assert psnr(ours, expect) >= 60, loras
+        for bad, needle in (([("no-such", 1.0, "LoraLoader")], "no LoRA named 'no-such'"),
+                            ([("brand-a", 50.0, "LoraLoaderModelOnly")], "strength_model 50.0 is outside")):
+            r = requests.post(f"{s.url}/prompt", json={"prompt": graph(bad)}, timeout=30)
+            assert r.status_code == 400, r.text
+            err = r.json()["node_errors"]["10"]["errors"][0]
+            assert needle in err["message"] + err["details"], err
+
+
+def test_batch_catalogue_with_a_different_lora_per_row(klein_cfg, tmp_path):
+    """The brand catalogue (prompt, style reference, brand LoRA, size per row) through edgegen batch: each row's
+    image is diffusers' image with that row's reference and LoRA."""
+    import csv
+
+    from app.server.batch import run_batch
+    from tests.test_server_helpers import DOCS, server_config
+
+    model, bundle, files = klein_cfg
+    for name, path in files.items():
+        add(path, name)
+    cfg = server_config(tmp_path / "srv", bundle)
+    (tmp_path / "srv" / "input").mkdir(parents=True)
+    style = Image.fromarray((np.indices((40, 56)).sum(0) % 7 * 36).astype(np.uint8)).convert("RGB")
+    style.save(tmp_path / "srv" / "input" / "brand-style.png")
+    rows = tmp_path / "rows.csv"
+    with open(DOCS / "catalogue_brand_loras.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    for r in table:  # the documented catalogue, at the tiny bundle's size and name
+        r.update(bundle=bundle.name, width=str(int(r["width"]) // 16), height=str(int(r["height"]) // 16))
+    with open(rows, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    res = run_batch(rows, DOCS / "catalogue_brand_workflow.json", local_config=cfg, say=lambda m: None,
+                    show_progress=False)
+    assert (res.done, res.failed) == (len(table), 0)
+    assert len({r["lora"] for r in table}) >= 3  # different LoRAs (and none) on different rows
+    ref = Reference(model, "flux2-klein", files)
+    defaults = json.loads((bundle / "manifest.json").read_text())["defaults"]
+    with open(tmp_path / "rows.results.csv", newline="") as f:
+        results = list(csv.DictReader(f))
+    from app.bundle.loras import parse_lora_choice
+
+    for r, out in zip(table, results):
+        choice = [parse_lora_choice(t.strip()) for t in r["lora"].split(";") if t.strip()]
+        ours = np.asarray(Image.open(tmp_path / "srv" / "output" / out["images"]).convert("RGB"))
+        expect = ref.image(choice, f"{r['product']}, studio product photo, brand style", int(r["seed"]),
+                           defaults["steps"], defaults["guidance"], int(r["width"]), int(r["height"]), image=[style])
+        assert psnr(ours, expect) >= 60, r
+
+
+# ---------------------------------------------------------------- the device path (fake CUDA: no GPU here)
+
+
+def test_lora_inputs_go_to_the_device_once_per_choice_on_fake_cuda(tmp_path_factory, tmp_path, monkeypatch):
+    """The engine backend's real session code on FAKE CUDA tensors (tests/_standin_engine.py): every LoRA input
+    reaches the engine on the device with the choice's rank, is moved once per LoRA choice (not per step or per
+    image), and a LoRA input left on the host is refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from app.bundle.manifest import load_bundle
+    from app.runtime.engine.session import DeviceMismatch
+    from app.runtime.pipelines import GenerationRequest, make_pipeline
+    from app.runtime.pipelines.base import Pipeline
+    from tests._standin_engine import StandInEngineBackend
+
+    model, bundle_dir = variant_bundle(tmp_path_factory, "lat16-base-cfg")
+    add(make_lora(model, "flux2-klein", tmp_path / "a", seed=1, **KLEIN_A), "a")
+    add(make_lora(model, "flux2-klein", tmp_path / "b", seed=2, **KLEIN_B), "b")
+    bundle = load_bundle(bundle_dir)
+    backend = StandInEngineBackend(bundle)
+    pipe = make_pipeline(bundle, backend)
+    moved = []
+    original = Pipeline.to_device
+    monkeypatch.setattr(Pipeline, "to_device", lambda self, t: (moved.append(id(t)), original(self, t))[1])
+    slots = bundle.components()["transformer"]["lora"]["slots"]
+
+    def req(*loras):
+        return GenerationRequest(prompt="a red circle", seed=1, steps=2, guidance=3.0, width=48, height=32,
+                                 loras=tuple(loras))
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        runs = []
+        for r in (req(("a", 0.5)), req(("a", 0.5)), req(("a", 0.5), ("b", 1.0)), req()):
+            job = pipe.prepare(r)
+            before = len(moved)
+            pipe.execute(job)
+            ctx = backend.contexts["transformer"]
+            lora_ids = {id(v) for v in job.lora.values()}
+            runs.append((sum(1 for i in moved[before:] if i in lora_ids), ctx.shapes["lora_a_0"][0]))
+    # (LoRA tensors moved, rank the engine saw): A alone (rank 5), the same again (nothing moved), A + B
+    # (rank 7), none (rank 1 of zeros)
+    assert runs == [(2 * len(slots), 5), (0, 5), (2 * len(slots), 7), (2 * len(slots), 1)]
+
+    monkeypatch.setattr(Pipeline, "lora_on_device", lambda self, job: dict(job.lora))  # left on the host
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(DeviceMismatch, match="lora_a_0 is on cpu"):
+        pipe.execute(pipe.prepare(req(("b", 1.0))))

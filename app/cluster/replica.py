@@ -20,10 +20,14 @@ class Replica:
     `info` are answered while `generate` runs."""
 
     def __init__(self, bundle_paths: tuple[str, ...] = (), redact_prompts: bool = False,
-                 audit_path: str | None = None):
+                 audit_path: str | None = None, lora_library: str | None = None):
         from app.cluster.guard import install
 
         install()  # also where the node was started without edgegen's boot folder
+        if lora_library:  # the server's LoRA library (a shared folder): every file's sha256 is checked here
+            from app.bundle.loras import ENV_LORAS
+
+            os.environ[ENV_LORAS] = lora_library
         self.bundle_paths = tuple(Path(p) for p in bundle_paths)
         self.redact_prompts = redact_prompts
         self.audit_path = audit_path
@@ -43,10 +47,12 @@ class Replica:
         import ray
 
         from app import offline
+        from app.bundle.loras import library_dir
 
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "gpu": f"{self.gpu.name} (sm{self.gpu.sm})" if self.gpu else "CPU",
-                "guard": offline.guard_status().active, "loaded": sorted(k[0] for k in self._loaded)}
+                "guard": offline.guard_status().active, "loaded": sorted(k[0] for k in self._loaded),
+                "lora_library": str(library_dir())}
 
     def cancel(self) -> None:
         with self._lock:

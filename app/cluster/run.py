@@ -78,7 +78,10 @@ def make_replicas(settings: ClusterSettings, config) -> list:
     cls = ray.remote(Replica).options(**resources, max_restarts=-1, max_task_retries=0, max_concurrency=2,
                                       scheduling_strategy="SPREAD")
     bundles = tuple(str(Path(b).absolute()) for b in config.bundles)
-    return [cls.remote(bundles, config.redact_prompts) for _ in range(n)]
+    from app.bundle.loras import library_dir
+
+    library = str(library_dir().absolute())  # the same LoRA library on every replica (a shared folder)
+    return [cls.remote(bundles, config.redact_prompts, None, library) for _ in range(n)]
 
 
 def pool_factory(settings: ClusterSettings, replicas: list | None = None) -> Callable:

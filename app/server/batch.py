@@ -77,8 +77,12 @@ def _typed(text: str):
     return text
 
 
+LORA_COLUMNS = ("lora", "loras")
+
+
 def fill(graph: dict, row: dict[str, str]) -> dict:
-    """A copy of `graph` with the row applied (NODE.INPUT columns, then {column} placeholders)."""
+    """A copy of `graph` with the row applied (NODE.INPUT columns, then {column} placeholders, then the LoRA
+    column)."""
     g = copy.deepcopy(graph)
     for col, value in row.items():
         if col is None or "." not in col:
@@ -108,7 +112,37 @@ def fill(graph: dict, row: dict[str, str]) -> dict:
     if missing:
         raise UsageError(f"the workflow uses {', '.join('{' + m + '}' for m in missing)} but the CSV has no such "
                          f"column (columns: {', '.join(c for c in row if c)})")
+    column = next((c for c in row if c and c.strip().lower() in LORA_COLUMNS), None)
+    if column is not None and (row[column] or "").strip():
+        add_loras(g, row[column])
     return g
+
+
+def add_loras(graph: dict, text: str) -> None:
+    """The LoRA column ("brand-a:0.8; brand-b:0.4", library names as generate --lora takes them): EdgegenGenerate
+    nodes get them as `loras`; ComfyUI graphs get a LoraLoaderModelOnly per LoRA between each checkpoint's
+    MODEL output and what used it, as a user would wire them in ComfyUI."""
+    from app.bundle.loras import parse_lora_choice
+
+    items = [t.strip() for t in re.split(r"[;,]", text) if t.strip()]
+    try:
+        choices = [parse_lora_choice(t) for t in items]
+    except UsageError as e:
+        raise UsageError(f"LoRA column {text!r}: {e}") from None
+    for spec in graph.values():
+        if spec.get("class_type") == "EdgegenGenerate":
+            spec.setdefault("inputs", {})["loras"] = [f"{n}:{s:g}" for n, s in choices]
+    for ckpt in [k for k, v in graph.items() if v.get("class_type") == "CheckpointLoaderSimple"]:
+        users = [(spec, name) for k, spec in graph.items() for name, v in (spec.get("inputs") or {}).items()
+                 if isinstance(v, list) and len(v) == 2 and str(v[0]) == str(ckpt) and v[1] == 0]
+        source = [ckpt, 0]
+        for i, (name, strength) in enumerate(choices):
+            node = f"{ckpt}-lora-{i + 1}"
+            graph[node] = {"class_type": "LoraLoaderModelOnly",
+                           "inputs": {"lora_name": name, "strength_model": strength, "model": source}}
+            source = [node, 0]
+        for spec, name in users:
+            spec["inputs"][name] = source
 
 
 def row_key(index: int, row: dict) -> str:

@@ -3,7 +3,8 @@
 Two graph kinds are accepted:
 - the plain text-to-image graph ComfyUI's "Save (API format)" writes: CheckpointLoaderSimple (ckpt_name names
   a bundle), CLIPTextEncode (positive, negative), EmptyLatentImage, KSampler, VAEDecode, SaveImage, and
-  LoraLoader only for a LoRA fused into that bundle at export;
+  LoraLoader / LoraLoaderModelOnly: lora_name from the site LoRA library, per request, for a bundle exported
+  with --runtime-lora (docs/LORA.md), or the LoRA fused into the bundle at export;
 - the compact `EdgegenGenerate` node with the fields of `edgegen generate`.
 Every other node type is refused by name, so a client learns up front what will not run.
 """
@@ -21,7 +22,8 @@ from app.server.security import PathRefused, confined
 
 # ComfyUI's node types we understand, and what each needs.
 SUPPORTED = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "EmptySD3LatentImage", "KSampler",
-             "VAEDecode", "SaveImage", "LoraLoader", "EdgegenGenerate")
+             "VAEDecode", "SaveImage", "LoraLoader", "LoraLoaderModelOnly", "EdgegenGenerate")
+LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 OUTPUT_TYPES = ("SaveImage", "EdgegenGenerate")
 MAX_COUNT = 64  # images per output node; a catalogue fans out over prompts, not one giant batch
 DEFAULT_PREFIX = "edgegen"
@@ -224,8 +226,11 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex) -> tuple[Task, list[str
     bundle_name = _value(graph, ckpt, "ckpt_name", str)
     bundle_dir = _bundle(bundles, ckpt, bundle_name)
     manifest = bundles.manifest(bundle_dir)
-    for lora_node in loras:
-        _check_lora(graph, lora_node, bundle_name, manifest)
+    runtime = [c for c in (_check_lora(graph, n, bundle_name, manifest) for n in reversed(loras)) if c]
+    if len({n for n, _ in runtime}) < len(runtime):
+        raise _Bad(loras[0], "The same LoRA is loaded twice", "load each LoRA once, with the strength you want")
+    if runtime:
+        _check_runtime_loras(loras[0], manifest, runtime, bundle_name)
     prompts = {}
     for which in ("positive", "negative"):
         enc, _ = _link(graph, sampler, which, ("CLIPTextEncode",))
@@ -255,44 +260,72 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex) -> tuple[Task, list[str
     _check_seed(sampler, seed)
     _check_count(latent, count)
     _check_steps(sampler, steps)
-    reqs = tuple(_request(prompts["positive"], prompts["negative"], seed + i, steps, cfg, width, height)
-                 for i in range(count))
+    extra = {"loras": [list(c) for c in runtime]} if runtime else {}
+    reqs = tuple(dict(_request(prompts["positive"], prompts["negative"], seed + i, steps, cfg, width, height),
+                      **extra) for i in range(count))
     return Task(save, sampler, str(bundle_dir), reqs, prefix), notes
 
 
 def _model_chain(graph, node, name, slot) -> tuple[str, list[str]]:
     """Follow model/clip/vae links through LoraLoaders to the checkpoint: (checkpoint node, [lora nodes])."""
     loras: list[str] = []
-    want = ("CheckpointLoaderSimple",) if slot == 2 else ("CheckpointLoaderSimple", "LoraLoader")
+    # the model chain may pass LoraLoaderModelOnly nodes; the clip chain only LoraLoader (which has a CLIP output)
+    chain = {0: ("CheckpointLoaderSimple", *LORA_NODES), 1: ("CheckpointLoaderSimple", "LoraLoader")}
+    want = chain.get(slot, ("CheckpointLoaderSimple",))
     src, out = _link(graph, node, name, want)
     seen = set()
-    while graph[src]["class_type"] == "LoraLoader":
+    while graph[src]["class_type"] in LORA_NODES:
         if src in seen:
             raise _Bad(src, "LoraLoader links form a cycle", "", "bad_linked_input")
         seen.add(src)
         loras.append(src)
-        src, _ = _link(graph, src, "model" if slot == 0 else "clip", ("CheckpointLoaderSimple", "LoraLoader"))
+        src, _ = _link(graph, src, "model" if slot == 0 else "clip", want)
     if out != slot:
         raise _Bad(node, f"Input {name} must use output {slot} of its loader", f"it uses output {out}",
                    "bad_linked_input")
     return src, loras
 
 
-def _check_lora(graph, node, bundle_name, manifest) -> None:
+def _check_lora(graph, node, bundle_name, manifest) -> tuple[str, float] | None:
+    """A LoraLoader's LoRA: (library name, strength) to apply at run time, or None for the LoRA fused into the
+    bundle at export (its strength must be the fused one). strength_clip is accepted and has no effect: library
+    LoRAs are transformer-only (lora add refuses text-encoder layers), as a transformer-only LoRA is in ComfyUI."""
     name = _value(graph, node, "lora_name", str)
     strength = _value(graph, node, "strength_model", float, default=1.0, required=False)
     fused = manifest.get("loras") or []
     stem = Path(name).stem
     match = [r for r in fused if r.get("file") in (name, Path(name).name) or Path(r.get("file", "")).stem == stem]
-    if not match:
+    runtime = ((manifest.get("components") or {}).get("transformer") or {}).get("lora")
+    if match:
+        scale = float(match[0].get("scale", 1.0))
+        if abs(scale - strength) > 1e-6:
+            raise _Bad(node, f"LoRA {name} is fused at strength {scale:g}, not {strength:g}",
+                       f"set strength_model to {scale:g}, or re-export with --lora {name}:{strength:g}")
+        return None
+    if not runtime:
         names = ", ".join(r.get("file", "?") for r in fused) or "none"
         raise _Bad(node, f"LoRA {name} is not fused into bundle {bundle_name}",
-                   f"edgegen applies LoRAs at export (fused: {names}); export a bundle with "
-                   f"edgegen export --model DIR --out DIR --lora {name}:{strength:g}")
-    scale = float(match[0].get("scale", 1.0))
-    if abs(scale - strength) > 1e-6:
-        raise _Bad(node, f"LoRA {name} is fused at strength {scale:g}, not {strength:g}",
-                   f"set strength_model to {scale:g}, or re-export with --lora {name}:{strength:g}")
+                   f"this bundle has no run-time LoRA inputs (fused: {names}); export one with --runtime-lora "
+                   f"MAX_RANK to choose LoRAs per request, or fuse this one: edgegen export --model DIR --out DIR "
+                   f"--lora {name}:{strength:g}")
+    from app.bundle.loras import check_name, check_strength
+    from app.errors import UsageError
+
+    try:
+        return check_name(Path(name).name), check_strength(strength, "strength_model")
+    except UsageError as e:
+        raise _Bad(node, f"LoRA {name} cannot be used", str(e)) from None
+
+
+def _check_runtime_loras(node, manifest, choices, bundle_name) -> None:
+    """The library's records, family, shapes and total rank against the bundle, before the job is queued."""
+    from app.errors import UsageError
+    from app.runtime.loras import check_choices
+
+    try:
+        check_choices(manifest, choices, bundle=f"bundle {bundle_name}")
+    except UsageError as e:
+        raise _Bad(node, "This LoRA cannot be used with this bundle", str(e)) from None
 
 
 def _prefix(graph, node) -> str:
@@ -333,10 +366,31 @@ def _compact(graph: dict, node: str, bundles: BundleIndex, input_dir: Path) -> T
     if refs or strength is not None:
         _check_images(node, bundle_dir, tuple(str(r) for r in refs), strength)
     extra = {"strength": strength} if strength is not None else {}
+    loras = _compact_loras(graph, node)
+    if loras:
+        _check_runtime_loras(node, manifest, loras, bundle_name)
+        extra["loras"] = [list(c) for c in loras]
     reqs = tuple(dict(_request(prompt, negative, seed + i, steps, guidance, width, height), **extra)
                  for i in range(count))
     prefix = _prefix(graph, node)
     return Task(node, node, str(bundle_dir), reqs, prefix, tuple(str(r) for r in refs))
+
+
+def _compact_loras(graph, node) -> list[tuple[str, float]]:
+    """EdgegenGenerate's `loras`: ["NAME[:STRENGTH]", ...] as generate --lora takes them."""
+    from app.bundle.loras import parse_lora_choice
+    from app.errors import UsageError
+
+    items = _inputs(graph, node).get("loras") or []
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise _Bad(node, "loras must be a list of \"NAME[:STRENGTH]\" strings", f"got {items!r}",
+                   "invalid_input_type")
+    try:
+        return [parse_lora_choice(i) for i in items]
+    except UsageError as e:
+        raise _Bad(node, "A LoRA choice is not valid", str(e)) from None
 
 
 def _check_images(node, bundle_dir: Path, images: tuple[str, ...], strength) -> None:

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.ui.collapsible import Collapsible
+from app.ui.loras import LoraPicker
 from app.ui.references import ReferenceStrip
 from app.ui.sizes import presets, size_error
 
@@ -47,6 +48,7 @@ class FormValues:
     backend: str
     images: tuple[str, ...] = ()  # Klein references / SD3.5 init image, in order
     strength: float | None = None  # SD3.5 image-to-image only
+    loras: tuple[tuple[str, float], ...] = ()  # run-time LoRAs from the library: (name, strength)
 
 
 class GenerationForm(QWidget):
@@ -71,6 +73,7 @@ class GenerationForm(QWidget):
         self.negative.setMaximumHeight(lines * 4)
         self.negative_label = QLabel("Negative prompt")
         self.references = ReferenceStrip()
+        self.loras = LoraPicker()
 
         self.random_seed = QCheckBox("Random", checked=True, objectName="randomSeed")
         self.seed = QLineEdit(objectName="seed", placeholderText="seed")
@@ -132,6 +135,7 @@ class GenerationForm(QWidget):
         lay.addWidget(self.negative_label)
         lay.addWidget(self.negative)
         lay.addWidget(self.references)
+        lay.addWidget(self.loras)
         lay.addLayout(form)
         lay.addWidget(self.advanced)
         lay.addWidget(self.error)
@@ -141,6 +145,7 @@ class GenerationForm(QWidget):
         self.size_preset.currentTextChanged.connect(self._preset_chosen)
         self.reset_defaults.clicked.connect(self.apply_defaults)
         self.references.changed.connect(self._references_changed)
+        self.loras.changed.connect(self._changed)
         self._first_reference: str | None = None
         for sig in (self.prompt.textChanged, self.negative.textChanged, self.random_seed.toggled,
                     self.seed.textChanged, self.steps.valueChanged, self.guidance.valueChanged,
@@ -150,9 +155,11 @@ class GenerationForm(QWidget):
 
     # ----- model ----------------------------------------------------------------------------------
     def set_model(self, defaults: dict, size_range: dict, uses_negative_prompt: bool, family: str = "",
-                  pipeline: dict | None = None, encoder_hint: str | None = None) -> None:
+                  pipeline: dict | None = None, encoder_hint: str | None = None, manifest: dict | None = None) -> None:
         """Adopt a bundle's defaults and size range; the negative prompt shows only where the family uses it;
-        the reference strip takes as many images as the bundle allows (none without its VAE encoder)."""
+        the reference strip takes as many images as the bundle allows (none without its VAE encoder); the LoRA
+        picker shows the library's LoRAs for a run-time LoRA bundle (`manifest`)."""
+        self.loras.set_model(manifest)
         self.defaults, self.size_range = dict(defaults), dict(size_range)
         self.pipeline = dict(pipeline or {})
         self.references.set_model(family, int(self.pipeline.get("max_images", 0)), encoder_hint)
@@ -213,7 +220,7 @@ class GenerationForm(QWidget):
             seed=seed, steps=self.steps.value(), guidance=round(self.guidance.value(), 2),
             width=self.width_box.value(), height=self.height_box.value(), count=self.count.value(),
             backend=self.backend.currentText(), images=tuple(str(p) for p in self.references.paths()),
-            strength=self.references.strength_value(),
+            strength=self.references.strength_value(), loras=self.loras.values(),
         )
 
     def seeds(self) -> list[int]:
@@ -229,12 +236,13 @@ class GenerationForm(QWidget):
             return "Type a prompt first."
         if v.seed is not None and v.seed + v.count - 1 > MAX_SEED:
             return f"The seed must be at most {MAX_SEED - v.count + 1}."
-        return size_error(v.width, v.height, self.size_range)
+        return self.loras.problem() or size_error(v.width, v.height, self.size_range)
 
     def apply_meta(self, meta: dict, near: Path | None = None) -> list[str]:
-        """Reuse an image's parameters: prompt, negative prompt, seed (fixed), steps, guidance, size, and the
-        input images still on disk with the same sha256 (at their recorded path, or by name next to `near`).
-        Returns the names of input images that could not be found."""
+        """Reuse an image's parameters: prompt, negative prompt, seed (fixed), steps, guidance, size, the LoRAs at
+        their strengths (those in the library with the same sha256), and the input images still on disk with the
+        same sha256 (at their recorded path, or by name next to `near`).
+        Returns the names of input images and LoRAs that could not be found."""
         self.prompt.setPlainText(meta.get("prompt", ""))
         self.negative.setPlainText(meta.get("negative_prompt", ""))
         if "seed" in meta:
@@ -252,7 +260,7 @@ class GenerationForm(QWidget):
         if "width" in meta and "height" in meta:
             self.set_size(int(meta["width"]), int(meta["height"]))
         self.count.setValue(1)
-        return missing
+        return missing + self.loras.apply(meta.get("loras") or [])
 
     def _references_changed(self) -> None:
         """A new first Klein reference sets the size, as the CLI defaults it (diffusers' preprocessing)."""

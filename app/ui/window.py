@@ -202,7 +202,7 @@ class MainWindow(QMainWindow):
 
         hint = None if "vae_encoder" in self.bundle.components() else encoder_export_command(self.bundle)
         self.form.set_model(m["defaults"], m["size_range"], self.bundle.family.uses_negative_prompt,
-                            family=m["family"], pipeline=m["pipeline"], encoder_hint=hint)
+                            family=m["family"], pipeline=m["pipeline"], encoder_hint=hint, manifest=m)
         self.settings = self.settings.replace(last_model=str(entry.path))
         self._save_settings()
         self.backend_label.loading(entry.name)
@@ -272,7 +272,7 @@ class MainWindow(QMainWindow):
         jobs = [Job(bundle_dir=self.bundle.root, backend=v.backend, output_dir=self.settings.output_path,
                     request=GenerationRequest(prompt=v.prompt, negative_prompt=v.negative_prompt, seed=seed,
                                               steps=v.steps, guidance=v.guidance, width=v.width, height=v.height,
-                                              images=v.images, strength=v.strength))
+                                              images=v.images, strength=v.strength, loras=v.loras))
                 for seed in self.form.seeds()]
         self.queue.enqueue(jobs)
         return jobs
@@ -348,8 +348,9 @@ class MainWindow(QMainWindow):
 
     def _say_missing(self, missing: list[str]) -> None:
         if missing:
-            self.banner.show_message(f"Input image{'s' if len(missing) > 1 else ''} no longer on disk (or "
-                                     f"changed): {', '.join(missing)}. Add {'them' if len(missing) > 1 else 'it'} "
+            what = "LoRA" if all(m.startswith("LoRA ") for m in missing) else "Input image"
+            self.banner.show_message(f"{what}{'s' if len(missing) > 1 else ''} no longer here (or changed): "
+                                     f"{', '.join(missing)}. Add {'them' if len(missing) > 1 else 'it'} "
                                      "again to reproduce the image.", error=False)
 
     # ----- drag and drop ----------------------------------------------------------------------------

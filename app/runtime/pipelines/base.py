@@ -45,6 +45,9 @@ class GenerationRequest:
     # Run-time LoRAs from the site library, (name, strength) each (bundles exported with --runtime-lora)
     loras: tuple[tuple[str, float], ...] = ()
 
+    def __post_init__(self):  # JSON gives lists ([[name, strength], ...]); the request holds tuples
+        object.__setattr__(self, "loras", tuple((str(n), float(s)) for n, s in self.loras))
+
 
 @dataclass
 class GenerationResult:
