@@ -316,7 +316,7 @@ def test_batch_catalogue_with_a_different_lora_per_row(klein_cfg, tmp_path):
         add(path, name)
     cfg = server_config(tmp_path / "srv", bundle)
     (tmp_path / "srv" / "input").mkdir(parents=True)
-    style = Image.fromarray((np.indices((40, 56)).sum(0) % 7 * 36).astype(np.uint8)).convert("RGB")
+    style = Image.fromarray((np.indices((72, 88)).sum(0) % 7 * 36).astype(np.uint8)).convert("RGB")
     style.save(tmp_path / "srv" / "input" / "brand-style.png")
     rows = tmp_path / "rows.csv"
     with open(DOCS / "catalogue_brand_loras.csv", newline="") as f:
@@ -375,10 +375,10 @@ def test_lora_inputs_go_to_the_device_once_per_choice_on_fake_cuda(tmp_path_fact
         return GenerationRequest(prompt="a red circle", seed=1, steps=2, guidance=3.0, width=48, height=32,
                                  loras=tuple(loras))
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    jobs = [pipe.prepare(r) for r in (req(("a", 0.5)), req(("a", 0.5)), req(("a", 0.5), ("b", 1.0)), req())]
+    with FakeTensorMode(allow_non_fake_inputs=True):  # host work above, device work here, as the worker does
         runs = []
-        for r in (req(("a", 0.5)), req(("a", 0.5)), req(("a", 0.5), ("b", 1.0)), req()):
-            job = pipe.prepare(r)
+        for job in jobs:
             before = len(moved)
             pipe.execute(job)
             ctx = backend.contexts["transformer"]
@@ -389,5 +389,6 @@ def test_lora_inputs_go_to_the_device_once_per_choice_on_fake_cuda(tmp_path_fact
     assert runs == [(2 * len(slots), 5), (0, 5), (2 * len(slots), 7), (2 * len(slots), 1)]
 
     monkeypatch.setattr(Pipeline, "lora_on_device", lambda self, job: dict(job.lora))  # left on the host
+    job = pipe.prepare(req(("b", 1.0)))
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(DeviceMismatch, match="lora_a_0 is on cpu"):
-        pipe.execute(pipe.prepare(req(("b", 1.0))))
+        pipe.execute(job)

@@ -30,8 +30,8 @@ class LoraRow:
         self.set_strength(1.0)
         for w, col in ((self.check, 0), (self.slider, 1), (self.box, 2)):
             grid.addWidget(w, row, col)
-        self.check.toggled.connect(changed)
-        self.box.valueChanged.connect(changed)
+        self.check.toggled.connect(lambda *_: changed())
+        self.box.valueChanged.connect(lambda *_: changed())
 
     def _box_moved(self, value: float) -> None:
         self.slider.blockSignals(True)

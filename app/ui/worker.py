@@ -200,6 +200,7 @@ class GenerationWorker(QObject):
 
     def _audit(self, loaded: Loaded, result, path: Path) -> None:
         from app.runtime.audit import AuditLog
+        from app.runtime.generate import lora_metadata
 
         b, r = loaded.bundle, result.request
         (self.audit or AuditLog()).record(
