@@ -12,10 +12,16 @@ from app.runtime.images import save_png
 from app.runtime.pipelines import GenerationRequest, make_pipeline
 
 
-def output_paths(out: Path, seed: int, count: int) -> list[Path]:
+MAX_COUNT = 10_000  # images per generate command: hours of work on a fast GPU; a catalogue uses edgegen batch
+
+
+def output_paths(out: Path, seed: int, count: int):
+    """The PNG paths, one per seed, made as they are needed (never a list of `count` paths up front)."""
     if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{seed + i}{out.suffix or '.png'}") for i in range(count)]
+        yield out
+        return
+    for i in range(count):
+        yield out.with_name(f"{out.stem}-{seed + i}{out.suffix or '.png'}")
 
 
 def image_metadata(bundle, backend, result) -> dict:
@@ -58,8 +64,14 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
 
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must end in .png")
-    if not out.parent.exists():
-        raise UsageError(f"the folder {out.parent} for --out does not exist; create it first")
+    if not 1 <= count <= MAX_COUNT:
+        raise UsageError(f"--count {count} must be between 1 and {MAX_COUNT}; for more images, run edgegen batch "
+                         "over a CSV (resumable)")
+    if seed + count - 1 >= 2**63:
+        raise UsageError(f"--seed {seed} with --count {count} passes the largest seed 2**63-1; pick a smaller seed")
+    from app.runtime.images import check_output_folder
+
+    check_output_folder(out.parent, "--out", count, width or 1024, height or 1024)
     from app.runtime.device import parse_device
 
     where = parse_device(device)  # a bad --device is refused before the bundle is hashed

@@ -42,6 +42,32 @@ def save_png(path: Path, image: np.ndarray, meta: dict) -> Path:
     return Path(path)
 
 
+def check_output_folder(folder: Path, what: str, images: int = 1, width: int = 1024, height: int = 1024) -> None:
+    """Refuse, before any work, an output folder that is missing, not writable (a read-only mount, /proc) or too
+    full for one image: a temporary file is created and removed there, the way save_png will write. The space
+    asked for is one image's raw pixels (a PNG is at most about that); more images only warn in the caller."""
+    import os
+    import shutil
+    import tempfile
+
+    from app.errors import UsageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"the folder {folder} for {what} does not exist; create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgegen-write-check-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"cannot write into {folder} ({e.strerror or e}) for {what}; choose a writable folder")
+    free = shutil.disk_usage(folder).free
+    need = width * height * 3 + (1 << 20)
+    if free < need:
+        raise UsageError(f"{folder} has {free // 2**20} MiB free, less than one {width}x{height} image needs; free "
+                         f"space or choose another folder for {what}")
+
+
 def read_metadata(path: Path) -> dict:
     with Image.open(path) as im:
         return json.loads(im.text["edgegen"])

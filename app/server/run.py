@@ -47,8 +47,15 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        for d in (cfg.output_dir, cfg.input_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        from app.errors import UsageError
+        from app.runtime.images import check_output_folder
+
+        for d, what in ((cfg.output_dir, "--output"), (cfg.input_dir, "uploads")):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cannot create {d} ({e.strerror or e}) for {what}; choose a writable folder") from None
+            check_output_folder(d, what)  # before the queue opens: a read-only or full disk is refused now
         self._lock_file = _lock_queue(cfg.db_path)
         self.queue = JobQueue(cfg.db_path, cfg.max_attempts, cfg.history_limit)
         self.requeued, self.failed = self.queue.recover()

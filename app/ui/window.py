@@ -267,8 +267,19 @@ class MainWindow(QMainWindow):
         warning = fit_warning(plan) if plan else ""
         if warning and not self.confirm(self, "This may not fit", f"{warning}\n\nGenerate anyway?"):
             return []
-        self.banner.hide()
+        from app.errors import UsageError
+        from app.runtime.images import check_output_folder
+
         v = self.form.values()
+        try:
+            self.settings.output_path.mkdir(parents=True, exist_ok=True)
+            check_output_folder(self.settings.output_path, "the images", v.count, v.width, v.height)
+        except (UsageError, OSError) as e:
+            self.banner.show_message(str(e) if isinstance(e, UsageError) else
+                                     f"cannot create {self.settings.output_path} ({e.strerror}); choose another "
+                                     "output folder")
+            return []
+        self.banner.hide()
         jobs = [Job(bundle_dir=self.bundle.root, backend=v.backend, output_dir=self.settings.output_path,
                     request=GenerationRequest(prompt=v.prompt, negative_prompt=v.negative_prompt, seed=seed,
                                               steps=v.steps, guidance=v.guidance, width=v.width, height=v.height,
@@ -400,6 +411,14 @@ class MainWindow(QMainWindow):
             self.set_output_folder(Path(folder))
 
     def set_output_folder(self, folder: Path) -> None:
+        from app.errors import UsageError
+        from app.runtime.images import check_output_folder
+
+        try:
+            check_output_folder(folder, "the images")
+        except UsageError as e:  # a read-only or full folder is refused when chosen, not after a generation
+            self.banner.show_message(str(e))
+            return
         self.settings = self.settings.replace(output_folder=str(folder))
         self.form.output_folder.setText(str(folder))
         self._save_settings()
