@@ -337,8 +337,13 @@ def cmd_plan(args) -> int:
                          f"{family.max_images if family.name == 'flux2-klein' else 0} reference images")
     from app.planning.components import reference_pixels
 
+    source = None
+    if args.bundle is not None:
+        from app.bundle.manifest import load_bundle
+
+        source = (load_bundle(args.bundle, verify=False).manifest.get("source") or {}).get("path")
     plan = make_plan(gpu, comps, w, h, batch=1, cfg=family.uses_negative_prompt,
-                     reference_pixels=reference_pixels({}, args.references, w, h))
+                     reference_pixels=reference_pixels({}, args.references, w, h), source=source)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

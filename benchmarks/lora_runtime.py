@@ -11,7 +11,7 @@ prompt and seed are drawn:
   between two LoRAs already read (stack only), a repeat of the same choice; against a re-export of the fused
   bundle (the only way to change a fused LoRA).
 
-    python -m benchmarks.lora_runtime [--rounds 3] [--work DIR] [--json F] [--backend onnxruntime]
+    python -m benchmarks.lora_runtime [--rounds 3] [--work DIR [--reuse]] [--json F] [--backend onnxruntime]
 
 On a GPU machine `--backend auto` measures the engines (export with --target); the GPU figures wait for a
 device: this script has NEVER RUN ON A GPU.
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--reuse", action="store_true", help="reuse the bundles an earlier run left in --work")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="lora-bench-"))
     os.environ["EDGEGEN_LORAS"] = str(work / "library")
@@ -76,9 +77,14 @@ def main(argv=None) -> int:
 
     model = work / "model" if (work / "model" / "model_index.json").is_file() else build(work)
     files = make_loras(model, work)
-    exports = {"plain": export(model, work / "plain"),
-               "runtime": export(model, work / "runtime", "--runtime-lora", str(MAX_RANK)),
-               "fused": export(model, work / "fused", "--lora", f"{files['a']}:0.8")}
+    recorded = work / "exports.json"
+    if args.reuse and recorded.is_file():  # the bundles and their export times from an earlier run in --work
+        exports = json.loads(recorded.read_text())
+    else:
+        exports = {"plain": export(model, work / "plain"),
+                   "runtime": export(model, work / "runtime", "--runtime-lora", str(MAX_RANK)),
+                   "fused": export(model, work / "fused", "--lora", f"{files['a']}:0.8")}
+        recorded.write_text(json.dumps(exports))
     for n, path in files.items():
         if cli(["lora", "add", str(path), "--name", n, "--overwrite"]):
             raise SystemExit(f"lora add {n} failed")

@@ -145,9 +145,35 @@ def klein_encoder_bundle(klein_model, klein_bundle, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sd3_encoder_bundle(sd3_model, tmp_path_factory) -> Path:
-    """An SD3 bundle exported with --with-encoder (image-to-image)."""
+def sd3_encoder_bundle(sd3_model, sd3_bundle, tmp_path_factory) -> Path:
+    """An SD3 bundle with the VAE encoder (image-to-image): export's default, so sd3_bundle itself."""
+    from app.bundle.manifest import load_bundle
+
+    if "vae_encoder" in load_bundle(sd3_bundle, verify=False).components():
+        return sd3_bundle
     return shared(tmp_path_factory, "sd3-encoder", lambda out: export_via_cli(sd3_model, out, "--with-encoder"))
+
+
+def without_encoder(src: Path, out: Path) -> Path:
+    """A copy of a bundle without its VAE encoder, manifest and files edited consistently, as `export
+    --no-encoder` writes it (unsigned test bundles only)."""
+    import json
+
+    shutil.copytree(src, out)
+    m = json.loads((out / "manifest.json").read_text())
+    if "vae_encoder" in m["components"]:
+        del m["components"]["vae_encoder"]
+        m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("vae_encoder/")}
+        m["engines"] = [e for e in m.get("engines", []) if e.get("component") != "vae_encoder"]
+        shutil.rmtree(out / "vae_encoder")
+        (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd3_no_encoder_bundle(sd3_bundle, tmp_path_factory) -> Path:
+    """The SD3 bundle as `export --no-encoder` leaves it: image-to-image refused with the command that adds it."""
+    return shared(tmp_path_factory, "sd3-no-encoder", lambda out: without_encoder(sd3_bundle, out))
 
 
 @pytest.fixture(scope="session")

@@ -196,14 +196,9 @@ def test_selftest_covers_the_reference_image_case(tiny_refs, klein_encoder_bundl
     shipped = json.loads((Path(__file__).parents[1] / "assets" / "demo-references" / "index.json").read_text())
     assert any(r.get("images") for r in shipped)
     # the same bundle without its encoder (manifest and files edited consistently; unsigned test bundle)
-    plain = tmp_path / "no-encoder"
-    shutil.copytree(klein_bundle, plain)
-    m = json.loads((plain / "manifest.json").read_text())
-    if "vae_encoder" in m["components"]:
-        del m["components"]["vae_encoder"]
-        m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("vae_encoder/")}
-        shutil.rmtree(plain / "vae_encoder")
-        (plain / "manifest.json").write_text(json.dumps(m, indent=2))
+    from tests.conftest import without_encoder
+
+    plain = without_encoder(klein_bundle, tmp_path / "no-encoder")
     rc = main(["selftest", "--model", str(model), "--references", str(refs), "--bundle", str(plain)])
     out = capsys.readouterr().out
     assert rc == 0, out

@@ -190,3 +190,26 @@ def test_unreadable_calibration_file_is_refused(sd3_model, tmp_path, capsys):
                "--calibration-prompts", str(bad)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "calibration" in err
+
+
+def test_plan_and_fit_label_say_an_fp8_bundle_cannot_run_below_sm89(sd3_fp8_bundle, capsys):
+    """Issue 29: on an RTX 3090 (SM 8.6) the FP8 transformer cannot run; plan, the app's fit label and doctor's
+    memory line say so in one sentence, with the BF16 export that can."""
+    import json
+
+    from app.bundle.manifest import load_bundle
+    from app.planning.components import bundle_plan
+    from app.planning.gpus import parse_gpu_option
+    from app.ui.catalog import fit_text, fit_warning
+
+    assert main(["plan", "--bundle", str(sd3_fp8_bundle), "--gpu", "RTX 3090", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["strategy"] == "cannot-run"
+    assert "cannot run on" in plan["cannot_run"] and "transformer is FP8" in plan["cannot_run"]
+    assert "SM 8.9" in plan["cannot_run"] and "--precision bf16" in plan["cannot_run"]
+    b = load_bundle(sd3_fp8_bundle, verify=False)
+    assert f"--model {b.manifest['source']['path']}" in plan["cannot_run"]
+    p = bundle_plan(b, parse_gpu_option("RTX 3090"), 64, 64)
+    assert fit_text(p).startswith("cannot run on") and "--precision bf16" in fit_text(p)
+    assert fit_warning(p) == p.cannot_run
+    assert bundle_plan(b, parse_gpu_option("RTX 4090"), 64, 64).strategy != "cannot-run"  # SM 8.9: fine

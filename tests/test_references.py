@@ -140,7 +140,8 @@ def _bad(capsys, *argv) -> str:
     return err
 
 
-def test_bad_image_inputs_are_one_line(capsys, tmp_path, klein_encoder_bundle, sd3_bundle, sd3_encoder_bundle):
+def test_bad_image_inputs_are_one_line(capsys, tmp_path, klein_encoder_bundle, sd3_no_encoder_bundle,
+                                       sd3_encoder_bundle):
     ok = make_image(tmp_path / "ok.png", 64, 64, seed=1)
     out = ["--out", str(tmp_path / "o.png")]
     kb = ["--bundle", str(klein_encoder_bundle), *out]
@@ -155,7 +156,7 @@ def test_bad_image_inputs_are_one_line(capsys, tmp_path, klein_encoder_bundle, s
     assert "needs an init image" in _bad(capsys, *sb, "--strength", "0.5")
     assert "at most 1" in _bad(capsys, *sb, "--image", str(ok), "--image", str(ok))
     # a bundle exported without the encoder: the exact command that adds it
-    err = _bad(capsys, "--bundle", str(sd3_bundle), *out, "--image", str(ok))
+    err = _bad(capsys, "--bundle", str(sd3_no_encoder_bundle), *out, "--image", str(ok))
     assert "no VAE encoder" in err and "edgegen export --model" in err and "--with-encoder --overwrite" in err
     small = make_image(tmp_path / "small.png", 40, 80, seed=2)
     assert "at least 64 px" in _bad(capsys, *kb, "--image", str(small))
@@ -186,8 +187,8 @@ def test_export_encoder_defaults(klein_bundle, sd3_bundle):
     from app.bundle.families import FAMILIES
     from app.bundle.manifest import load_bundle
 
-    assert FAMILIES["flux2-klein"].encoder_by_default and not FAMILIES["sd3.5"].encoder_by_default
-    assert "vae_encoder" not in load_bundle(sd3_bundle, verify=False).components()  # SD3: only when asked
+    assert FAMILIES["flux2-klein"].encoder_by_default and FAMILIES["sd3.5"].encoder_by_default
+    assert "vae_encoder" in load_bundle(sd3_bundle, verify=False).components()  # SD3 too (issue 29)
 
 
 def test_transformer_profile_covers_reference_tokens(klein_encoder_bundle):

@@ -113,6 +113,16 @@ def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(dims))
 
 
+def _vae_decoder(wrapper: str, channels: str) -> ComponentSpec:
+    """Latents (`channels` wide: Klein's packed 4C, SD3's C) -> image in [-1, 1]; the same for both families."""
+    return ComponentSpec(
+        "vae_decoder", "vae", wrapper,
+        inputs=(_t("latents", "float32", "batch", channels, "latent_height", "latent_width"),),
+        outputs=(_t("image", "float32", "batch", 3, "height", "width"),),
+        role="vae_decoder",
+    )
+
+
 def _klein_defaults(index: dict, folder: Path) -> Defaults:
     if index.get("is_distilled", False):
         return Defaults(steps=4, guidance=1.0, width=1024, height=1024)
@@ -151,12 +161,7 @@ FLUX2_KLEIN = FamilySpec(
             outputs=(_t("latents", "float32", "batch", "packed_channels", "latent_height", "latent_width"),),
             role="vae_encoder", on_request=True,
         ),
-        ComponentSpec(
-            "vae_decoder", "vae", "klein_vae_decoder",
-            inputs=(_t("latents", "float32", "batch", "packed_channels", "latent_height", "latent_width"),),
-            outputs=(_t("image", "float32", "batch", 3, "height", "width"),),
-            role="vae_decoder",
-        ),
+        _vae_decoder("klein_vae_decoder", "packed_channels"),
     ),
     tokenizers=("tokenizer",),
     patch=2,
@@ -207,12 +212,7 @@ SD3 = FamilySpec(
             outputs=(_t("latents", "float32", "batch", "latent_channels", "latent_height", "latent_width"),),
             role="vae_encoder", on_request=True,
         ),
-        ComponentSpec(
-            "vae_decoder", "vae", "sd3_vae_decoder",
-            inputs=(_t("latents", "float32", "batch", "latent_channels", "latent_height", "latent_width"),),
-            outputs=(_t("image", "float32", "batch", 3, "height", "width"),),
-            role="vae_decoder",
-        ),
+        _vae_decoder("sd3_vae_decoder", "latent_channels"),
     ),
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
     patch=2,
@@ -223,6 +223,9 @@ SD3 = FamilySpec(
                   "transformer": SD3_CLIP_TOKENS + SD3_T5_TOKENS},
     cfg_batched=("transformer",),
     defaults=_sd3_defaults,
+    # The VAE encoder (84 MB in FP32 for SD3.5) is exported by default, as for Klein: image-to-image then works
+    # with any bundle, instead of a refusal after the bundle was built (issue 29). --no-encoder leaves it out.
+    encoder_by_default=True,
     max_images=1,  # image-to-image: one init image
 )
 

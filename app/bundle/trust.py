@@ -141,12 +141,17 @@ def generate_keypair(out_dir: Path, name: str | None = None) -> tuple[Path, Path
     return priv_path, pub_path
 
 
-def _load_private(path: Path):
-    priv_cls, _, ser, _ = _need_crypto("signing")
+def _key_bytes(path: Path, missing: str) -> bytes:
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"signing key {path} does not exist; create one with: edgegen keys generate --out DIR")
-    data = path.read_bytes()
+        raise UsageError(f"{missing} {path} does not exist" + ("; create one with: edgegen keys generate --out DIR"
+                                                              if missing == "signing key" else ""))
+    return path.read_bytes()
+
+
+def _load_private(path: Path):
+    priv_cls, _, ser, _ = _need_crypto("signing")
+    data = _key_bytes(path, "signing key")
     pw = os.environ.get(ENV_PASSPHRASE)
     try:
         key = ser.load_pem_private_key(data, password=pw.encode() if pw else None)
@@ -169,10 +174,7 @@ def load_signing_key(path: Path):
 def _load_public(path: Path):
     """A public key from our .pub (PEM with comments), a plain PEM, or an OpenSSH 'ssh-ed25519' line."""
     _, pub_cls, ser, _ = _need_crypto("edgegen trust add")
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"public key file {path} does not exist")
-    data = path.read_bytes()
+    data = _key_bytes(path, "public key file")
     try:
         key = (ser.load_ssh_public_key(data.strip()) if data.lstrip().startswith(b"ssh-")
                else ser.load_pem_public_key(data))

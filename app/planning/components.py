@@ -90,4 +90,5 @@ def bundle_plan(bundle, gpu, width: int, height: int, batch: int = 1, references
     cfg = bundle.family.uses_negative_prompt or not bundle.manifest["pipeline"].get("is_distilled", True)
     ref_pixels = reference_pixels(bundle.manifest["pipeline"], references, up16(width), up16(height))
     return make_plan(gpu, bundle_components(bundle, gpu.sm if gpu else None), up16(width), up16(height),
-                     batch=batch, cfg=cfg, reference_pixels=ref_pixels)
+                     batch=batch, cfg=cfg, reference_pixels=ref_pixels,
+                     source=(bundle.manifest.get("source") or {}).get("path"))

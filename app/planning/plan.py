@@ -11,7 +11,15 @@ from typing import Literal
 
 from app.errors import UsageError
 from app.planning.gpus import GpuSpec
-from app.planning.policy import GIB, PRECISION_BYTES, choose_precision, engine_flavour_for_sm
+from app.planning.policy import (
+    BF16_MIN_SM,
+    FP8_MIN_SM,
+    GIB,
+    PRECISION_BYTES,
+    choose_precision,
+    engine_flavour_for_sm,
+    precision_supported,
+)
 
 Kind = Literal["text_encoder", "vae_encoder", "transformer", "vae_decoder"]
 
@@ -70,10 +78,11 @@ class Plan:
     batch: int
     cfg: bool
     components: list[ComponentPlan]
-    strategy: Literal["all-resident", "staged", "staged+streaming", "does-not-fit", "cpu"]
+    strategy: Literal["all-resident", "staged", "staged+streaming", "does-not-fit", "cannot-run", "cpu"]
     usable_bytes: int | None
     peak_bytes: int
     notes: list[str] = field(default_factory=list)
+    cannot_run: str = ""  # a bundle whose precisions this GPU lacks: the sentence, with the export that can
 
     @property
     def low_vram(self) -> bool:
@@ -85,7 +94,8 @@ class Plan:
         if self.gpu is None:
             return "CPU: every component in system memory"
         if not self.low_vram:
-            return "all components stay loaded" if self.strategy == "all-resident" else "does not fit"
+            return {"all-resident": "all components stay loaded", "cannot-run": "cannot run here"}.get(
+                self.strategy, "does not fit")
         text = [c.name for c in self.components if c.kind == "text_encoder"]
         return (f"low-VRAM: {', '.join(text) or 'text encoders'} unloaded before denoise, transformer unloaded "
                 "before decode" + (", weights streamed" if self.strategy == "staged+streaming" else ""))
@@ -109,6 +119,7 @@ class Plan:
             "peak_bytes": self.peak_bytes,
             "stages": self.stages,
             "notes": list(self.notes),
+            "cannot_run": self.cannot_run,
             "components": [{**asdict(c), "peak_bytes": c.peak_bytes} for c in self.components],
         }
         return d
@@ -162,8 +173,12 @@ def make_plan(
     batch: int = 1,
     cfg: bool = False,
     reference_pixels: int = 0,
+    source: str | None = None,
 ) -> Plan:
-    """Decide precision, engine flavour, profile and VRAM stage for every component on `gpu` (None = CPU)."""
+    """Decide precision, engine flavour, profile and VRAM stage for every component on `gpu` (None = CPU).
+
+    For a bundle (components with their exported precision), a precision the GPU lacks (FP8 below SM 8.9, BF16
+    below SM 8.0) makes the plan "cannot-run", with the export command (from `source`) that can."""
     if width <= 0 or height <= 0 or width % 16 or height % 16:
         raise UsageError(
             f"{width}x{height} is not a valid size; width and height must be positive multiples of 16."
@@ -205,7 +220,20 @@ def make_plan(
             peak,
             ["No NVIDIA GPU: every component runs in FP32 on ONNX Runtime CPU, from system memory."],
         )
-    return _stage(Plan(gpu, width, height, batch, cfg, plans, "all-resident", _usable_bytes(gpu), 0))
+    plan = _stage(Plan(gpu, width, height, batch, cfg, plans, "all-resident", _usable_bytes(gpu), 0))
+    bad = [p for p in plans if not precision_supported(p.precision, sm)]
+    if bad:
+        need = {"fp8": FP8_MIN_SM, "bf16": BF16_MIN_SM}
+        top = max(need.get(p.precision, 0) for p in bad)
+        fix = "bf16" if int(sm) >= BF16_MIN_SM else "fp32"
+        what = ", ".join(f"{p.name} is {p.precision.upper()}" for p in bad)
+        plan.cannot_run = (
+            f"This bundle cannot run on {gpu.name} (SM {int(sm) // 10}.{int(sm) % 10}): {what}, which needs SM "
+            f"{top // 10}.{top % 10} or newer. Export one that can: edgegen export --model {source or 'MODEL'} "
+            f"--out DIR --precision {fix}")
+        plan.strategy = "cannot-run"
+        plan.notes.insert(0, plan.cannot_run)
+    return plan
 
 
 def _stage(plan: Plan) -> Plan:

@@ -74,7 +74,8 @@ async def guard(request: web.Request, handler):
     return response
 
 
-async def _json(request: web.Request, limit: int) -> dict:
+async def _json(request: web.Request, limit: int, type_: str = "invalid_request") -> dict:
+    """The body as a JSON object ({} when empty); raises _BadJson, whose `response` is ComfyUI's 400 for it."""
     body = await request.content.read(limit + 1)
     if len(body) > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
@@ -83,14 +84,16 @@ async def _json(request: web.Request, limit: int) -> dict:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _BadJson(str(e)) from None
+        raise _BadJson(type_, str(e)) from None
     if not isinstance(data, dict):
-        raise _BadJson("the body must be a JSON object")
+        raise _BadJson(type_, "the body must be a JSON object")
     return data
 
 
 class _BadJson(Exception):
-    pass
+    def __init__(self, type_: str, details: str):
+        super().__init__(details)
+        self.response = fail(400, type_, "The body is not valid JSON", details)
 
 
 # ----- handlers ---------------------------------------------------------------------------------------------
@@ -107,9 +110,9 @@ def _queue_remaining(queue: JobQueue) -> int:
 async def post_prompt(request: web.Request) -> web.Response:
     cfg, queue, worker, hub, bundles = _ctx(request)
     try:
-        body = await _json(request, cfg.max_body_bytes)
+        body = await _json(request, cfg.max_body_bytes, "invalid_prompt")
     except _BadJson as e:
-        return fail(400, "invalid_prompt", "The body is not valid JSON", str(e))
+        return e.response
     try:
         plan = parse_prompt(body.get("prompt"), bundles, cfg.input_dir)
     except GraphError as e:
@@ -173,7 +176,7 @@ async def post_history(request: web.Request) -> web.Response:
     try:
         body = await _json(request, cfg.max_body_bytes)
     except _BadJson as e:
-        return fail(400, "invalid_request", "The body is not valid JSON", str(e))
+        return e.response
     if body.get("clear"):
         queue.delete_history()
     if isinstance(body.get("delete"), list):
@@ -192,7 +195,7 @@ async def post_queue(request: web.Request) -> web.Response:
     try:
         body = await _json(request, cfg.max_body_bytes)
     except _BadJson as e:
-        return fail(400, "invalid_request", "The body is not valid JSON", str(e))
+        return e.response
     deleted = 0
     if body.get("clear"):
         deleted += queue.delete_pending()

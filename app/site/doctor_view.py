@@ -78,7 +78,7 @@ def _bundles(c: Console, r: dict) -> None:
         mem = e.get("memory")
         if mem and "error" not in mem:
             c.print(f"    memory at {mem['size']}: peak {mem['peak_gib']} of {mem['usable_gib']} GiB usable — "
-                    f"{mem['does']}" + ("" if mem["strategy"] != "does-not-fit" else f" ({' '.join(mem['notes'])})"),
+                    f"{mem['does']}" + ("" if mem["strategy"] not in ("does-not-fit", "cannot-run") else f" ({' '.join(mem['notes'])})"),
                     markup=False, soft_wrap=True)
 
 

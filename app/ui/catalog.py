@@ -71,11 +71,15 @@ def fit_text(plan: Plan) -> str:
         return "CPU only (no NVIDIA GPU)"
     if plan.strategy == "does-not-fit":
         return f"won't fit {plan.gpu.name}"
+    if plan.strategy == "cannot-run":
+        return f"cannot run on {plan.gpu.name} (SM {int(plan.gpu.sm) / 10:.1f}): re-export with --precision bf16"
     return f"fits {plan.gpu.name} ({plan.staging_text()}, peak {plan.peak_bytes / GIB:.1f} GiB)"
 
 
 def fit_warning(plan: Plan) -> str:
     """'' when the plan fits, else one sentence for the user."""
+    if plan.strategy == "cannot-run":
+        return plan.cannot_run
     if plan.strategy != "does-not-fit":
         return ""
     return (f"The plan says {plan.width}x{plan.height} needs about {plan.peak_bytes / GIB:.1f} GiB but only "

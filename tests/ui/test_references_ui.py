@@ -120,8 +120,8 @@ def test_generate_with_references_matches_diffusers_and_reuse_restores_them(rwin
 
 
 def test_sd3_strength_slider_and_image_to_image_match_diffusers(rwindow, qtbot, tmp_path, sd3_model,
-                                                                sd3_encoder_bundle, sd3_bundle):
-    _select(rwindow, sd3_bundle)  # exported without the encoder: the strip says how to fix it
+                                                                sd3_encoder_bundle, sd3_no_encoder_bundle):
+    _select(rwindow, sd3_no_encoder_bundle)  # exported without the encoder: the strip says how to fix it
     strip = rwindow.form.references
     assert strip.max_images == 0 and "--with-encoder" in strip.hint.text() and not strip.add_button.isEnabled()
     assert not strip.add(make_image(tmp_path / "i.png", 64, 64, seed=1))

@@ -16,8 +16,13 @@ def make_pipeline(bundle: Bundle, backend: Backend, low_vram: bool | None = None
     from app.runtime.pipelines.klein import KleinPipeline
     from app.runtime.pipelines.sd3 import SD3Pipeline
 
+    plan = staging_plan(bundle, backend) if _on_cuda(backend) else None
+    if plan is not None and plan.strategy == "cannot-run":  # e.g. an FP8 transformer on an SM 8.6 GPU
+        from app.errors import BundleError
+
+        raise BundleError(plan.cannot_run)
     if low_vram is None:
-        low_vram = staging_plan(bundle, backend).low_vram if _on_cuda(backend) else False
+        low_vram = plan.low_vram if plan is not None else False
     by_family = {"flux2-klein": KleinPipeline, "sd3.5": SD3Pipeline}
     return by_family[bundle.manifest["family"]](bundle, backend, low_vram=low_vram, lora_library=lora_library)
 
