@@ -165,6 +165,8 @@ def without_encoder(src: Path, out: Path) -> Path:
         del m["components"]["vae_encoder"]
         m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("vae_encoder/")}
         m["engines"] = [e for e in m.get("engines", []) if e.get("component") != "vae_encoder"]
+        for key in ("max_images", "reference_max_pixels"):  # export writes these only with the encoder
+            m["pipeline"].pop(key, None)
         shutil.rmtree(out / "vae_encoder")
         (out / "manifest.json").write_text(json.dumps(m, indent=2))
     return out

@@ -71,7 +71,8 @@ def test_klein_bf16_bundle(klein_bf16):
 
 
 def test_sd3_bf16_bundle(sd3_bf16):
-    m = _check_bundle(sd3_bf16, {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder"})
+    m = _check_bundle(sd3_bf16, {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder",
+                                 "vae_encoder"})
     # transformers keeps T5's FFN output projection (`wo`) in FP32 when loading BF16: the graph keeps it too
     assert "FLOAT" in _initializer_types(sd3_bf16 / m["components"]["text_encoder_3"]["onnx"])
 

@@ -94,6 +94,42 @@ def test_switching_loras_between_requests_gives_diffusers_image_for_each(klein_c
             assert psnr(img, plain) < 40, choice  # the LoRA took effect (not a zero branch)
 
 
+def test_a_kohya_layout_lora_matches_diffusers_reading_the_same_file(klein_cfg, tmp_path):
+    """A kohya-trained FLUX.2 LoRA (lora_unet_* keys, lora_down/lora_up, alphas, a fused qkv) in the library;
+    the reference is diffusers loading that same file (its own kohya converter)."""
+    from safetensors.torch import save_file
+
+    from app.bundle.loras import find_record
+
+    model, bundle, _ = klein_cfg
+    slots = {s["module"]: (s["in"], s["out"])
+             for s in json.loads((bundle / "manifest.json").read_text())["components"]["transformer"]["lora"]["slots"]}
+    g = torch.Generator().manual_seed(7)
+    state = {}
+
+    def pair(key: str, i: int, o: int, r: int, alpha: float) -> None:
+        state[f"{key}.lora_down.weight"] = torch.randn(r, i, generator=g) * 0.5
+        state[f"{key}.lora_up.weight"] = torch.randn(o, r, generator=g) * 0.5
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+
+    q_in, q_out = slots["transformer_blocks.0.attn.to_q"]
+    pair("lora_unet_double_blocks_0_img_attn_qkv", q_in, 3 * q_out, 4, 2.0)  # split into to_q/to_k/to_v
+    pair("lora_unet_single_blocks_0_linear2", *slots["single_transformer_blocks.0.attn.to_out"], 3, 6.0)
+    pair("lora_unet_double_blocks_0_txt_mlp_0", *slots["transformer_blocks.0.ff_context.linear_in"], 2, 1.0)
+    f = tmp_path / "kohya-brand.safetensors"
+    save_file(state, f)
+    add(f, "kohya-brand")  # the family from the layer names
+    assert find_record("kohya-brand").layout == "kohya"
+    out = tmp_path / "k.png"
+    assert main(["generate", "--bundle", str(bundle), "--prompt", "a red circle", "--seed", "2", "--steps", "3",
+                 "--guidance", "3", "--width", "48", "--height", "48", "--lora", "kohya-brand:0.9", "--out",
+                 str(out)]) == 0
+    ours = np.asarray(Image.open(out).convert("RGB"))
+    ref = Reference(model, "flux2-klein", {"k": f})
+    assert psnr(ours, ref.image([("k", 0.9)], "a red circle", 2, 3, 3.0, 48, 48)) >= 60
+    assert psnr(ours, ref.image([], "a red circle", 2, 3, 3.0, 48, 48)) < 40
+
+
 def test_cli_lora_on_a_model_without_cfg_and_its_records(tmp_path_factory, tmp_path):
     """generate --lora on the grouped-query Klein variant (distilled, CFG off), with PNG metadata and audit."""
     model, bundle = variant_bundle(tmp_path_factory, "lat8-heads3-gqa")
@@ -229,6 +265,16 @@ def test_library_add_refuses_pickle_and_unknown_layouts(tmp_path, capsys):
     assert main(["lora", "add", str(dora), "--family", "flux2-klein"]) == 2
     assert "plain LoRA" in _one_line(capsys)
     assert not (tmp_path / "loras" / "dora.lora.json").exists()
+    # kohya keys diffusers' converter does not know (it warns and drops them): refused, not half applied
+    partial = tmp_path / "partial.safetensors"
+    save_file({"lora_unet_single_blocks_0_linear2.lora_down.weight": torch.zeros(2, 256),
+               "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.zeros(64, 2),
+               "lora_unet_single_blocks_0_modulation_lin.lora_down.weight": torch.zeros(2, 64),
+               "lora_unet_single_blocks_0_modulation_lin.lora_up.weight": torch.zeros(64, 2)}, partial)
+    assert main(["lora", "add", str(partial)]) == 2
+    line = _one_line(capsys)
+    assert "left layers out" in line and "modulation_lin" in line
+    assert not (tmp_path / "loras" / "partial.lora.json").exists()
 
 
 def test_signed_lora_policy(library_loras, tmp_path_factory, tmp_path, capsys):

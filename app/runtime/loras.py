@@ -12,6 +12,7 @@ the LoRA's own layers: nothing of the model is loaded.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -57,6 +58,20 @@ def _layout(keys) -> str:
     return "diffusers"
 
 
+class _Dropped(logging.Handler):
+    """Collects diffusers' warnings that a converter dropped keys (e.g. 'Unsupported keys for Kohya Flux2 LoRA
+    conversion: [...]')."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "nsupported key" in msg or "not converted" in msg.lower() or "unexpected key" in msg.lower():
+            self.messages.append(msg)
+
+
 def guess_family(header: dict) -> str | None:
     keys = [k for k in header if k != "__metadata__"]
     found = {f for f, marks in _FAMILY_MARKS.items() if any(m in k for k in keys for m in marks)}
@@ -70,11 +85,20 @@ def read_factors(path: Path, family: str) -> Factors:
     header = lib.safetensors_header(path)  # not pickle, before anything parses it
     layout = _layout(header)
     cls = getattr(diffusers, PIPELINES[family])
+    dropped = _Dropped()
+    watched = logging.getLogger("diffusers")
+    saved = (watched.handlers[:], watched.level)
+    watched.handlers, watched.level = [dropped], min(watched.level or logging.WARNING, logging.WARNING)
     try:
         state, metadata = cls.lora_state_dict(str(path), return_lora_metadata=True)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
         raise UsageError(f"{path} is not a LoRA diffusers can read for {lib.FAMILY_LABELS[family]} "
                          f"({str(e).splitlines()[0][:160]}); use a diffusers, kohya or ComfyUI LoRA for it") from None
+    finally:
+        watched.handlers, watched.level = saved
+    if dropped.messages:  # diffusers' converters warn and drop keys they do not know; a LoRA must not lose layers
+        raise UsageError(f"{path}: diffusers' {layout} converter left layers out ({dropped.messages[0][:200]}); "
+                         "edgegen refuses a LoRA it cannot apply whole")
     other = sorted({k.split(".")[0] for k in state if not k.startswith("transformer.")})
     if other:
         raise UsageError(f"{path} also changes {', '.join(other)}; edgegen applies LoRAs to the transformer only "
@@ -118,8 +142,6 @@ def _peft_scaling(layers: dict, state: dict, metadata) -> dict[str, float]:
                                   nn.Linear(ab["A"].shape[1], ab["B"].shape[0], bias=False, device="meta"))
 
     sk = Skeleton()
-    import logging
-
     quiet = logging.getLogger("diffusers")
     level, _ = quiet.level, quiet.setLevel(logging.ERROR)
     try:
