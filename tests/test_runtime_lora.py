@@ -438,3 +438,30 @@ def test_lora_inputs_go_to_the_device_once_per_choice_on_fake_cuda(tmp_path_fact
     job = pipe.prepare(req(("b", 1.0)))
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(DeviceMismatch, match="lora_a_0 is on cpu"):
         pipe.execute(job)
+
+
+def test_selftest_checks_the_lora_inputs_on_every_backend_here(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """`edgegen selftest` on a run-time LoRA bundle: a synthetic LoRA through every backend that ran, against
+    the PyTorch reference's LoRA image, and that image must differ from the plain one. On a GPU the same check
+    covers ONNX Runtime CUDA and the engines; here: PyTorch and ONNX Runtime CPU."""
+    from app.planning import devices
+    from tests._refs import tiny_references
+
+    monkeypatch.setattr(devices.NvmlReader, "read", lambda self: [])
+    model, bundle = variant_bundle(tmp_path_factory, "lat8-heads3-gqa")
+    copy, refs = tiny_references(model, tmp_path)
+    rc = main(["selftest", "--model", str(copy), "--references", str(refs), "--bundle", str(bundle)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 0, out
+    assert "PASS: 4 backend(s)" in out and "FAIL" not in out  # PyTorch, ORT CPU, and each again with the LoRA
+    assert out.count("+ LoRA") == 2 and "(reference)" in out
+
+    # a bundle without LoRA inputs says what would cover them
+    plain = variant_bundle(tmp_path_factory, "lat8-heads3-gqa")[1]
+    from app.site.selftest_lora import lora_outcomes
+
+    class B:  # the same bundle's manifest without the LoRA record
+        manifest = {"components": {"transformer": {}}}
+
+    assert lora_outcomes(B(), [], [], [], tmp_path)[1][0][1].startswith("not run — the self-test bundle has no LoRA")
+    assert plain.exists()

@@ -38,6 +38,7 @@ class Outcome:
     seconds: float
     detail: str = ""
     cost: object = None  # app.site.measure.Cost: ms per step, peak VRAM (torch and NVML)
+    needs: str = ""  # the "needs" cell when it is not "≥ threshold" (the LoRA check's "< 40 dB from plain")
 
 
 def load_references(folder: Path) -> list[dict]:
@@ -185,8 +186,12 @@ def selftest(model_dir: Path | None = None, references_dir: Path | None = None, 
     say(f"self-test bundle: {bundle.root} ({how})")
     cands = plan(bundle, model_dir, env["gpus"], env["ort_providers"], env["torch_cuda"], env["installed"])
     outcomes = [run_candidate(bundle, c, refs, references_dir) for c in cands if c.skip is None]
+    from app.site.selftest_lora import lora_outcomes
+
+    with_lora, lora_skipped = lora_outcomes(bundle, cands, outcomes, refs, references_dir)
+    outcomes += with_lora
     why_not = dict(notes)  # an engine build that failed explains better than "the bundle has no engines"
     skipped = [(c.label, why_not.pop(c.label, c.skip)) for c in cands if c.skip is not None]
-    skipped += list(why_not.items())
+    skipped += list(why_not.items()) + lora_skipped
     render(outcomes, skipped, bundle, len(refs), console)
     return 0 if outcomes and all(o.passed for o in outcomes) else 1

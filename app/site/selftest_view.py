@@ -17,7 +17,8 @@ def render(outcomes, skipped: list[tuple[str, str]], bundle, n_refs: int, consol
         t.add_column(col, no_wrap=col == "backend", overflow="fold")
     for o in outcomes:
         db = "—" if o.worst_db is None else ("identical" if o.worst_db == float("inf") else f"{o.worst_db:.1f} dB")
-        t.add_row(o.label, "[green]PASS[/]" if o.passed else "[red]FAIL[/]", db, f"≥ {o.threshold_db:.0f} dB",
+        t.add_row(o.label, "[green]PASS[/]" if o.passed else "[red]FAIL[/]", db,
+                  getattr(o, "needs", "") or f"≥ {o.threshold_db:.0f} dB",
                   f"{o.seconds:.1f}s", *cost_cells(o.cost))
     c.print(t)
     for o in outcomes:
