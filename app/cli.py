@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = e.add_mutually_exclusive_group()
     enc.add_argument("--with-encoder", dest="with_encoder", action="store_true", default=None,
                      help="export the VAE encoder too (images as input: Klein references, SD3.5 image-to-image); "
-                          "default on for FLUX.2 Klein, off for SD3.5")
+                          "the default for both families")
     enc.add_argument("--no-encoder", dest="with_encoder", action="store_false",
                      help="leave the VAE encoder out (a smaller bundle that only generates from prompts)")
 
