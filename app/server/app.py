@@ -334,11 +334,60 @@ async def get_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+def _object_info(bundles) -> dict:
+    from app.bundle.loras import names as lora_names
+    from app.server.nodes import object_info
+
+    return object_info(bundles.names(), lora_names())
+
+
+async def get_object_info(request: web.Request) -> web.Response:
+    """ComfyUI's node schemas for the node types edgegen accepts; installed bundles and library LoRAs as choices."""
+    return web.json_response(_object_info(_ctx(request)[4]))
+
+
+async def get_object_info_node(request: web.Request) -> web.Response:
+    info = _object_info(_ctx(request)[4])
+    name = request.match_info["node_class"]
+    return web.json_response({name: info[name]} if name in info else {})  # ComfyUI: {} for a node it lacks
+
+
+async def get_models(request: web.Request) -> web.Response:
+    from app.server.nodes import MODEL_FOLDERS
+
+    return web.json_response(list(MODEL_FOLDERS))
+
+
+async def get_models_folder(request: web.Request) -> web.Response:
+    from app.bundle.loras import names as lora_names
+    from app.server.nodes import MODEL_FOLDERS
+
+    folder = request.match_info["folder"]
+    if folder not in MODEL_FOLDERS:
+        return web.Response(status=404, text="404: Not Found")  # as ComfyUI answers an unknown folder
+    if folder == "checkpoints":
+        return web.json_response(_ctx(request)[4].names())
+    if folder == "loras":
+        return web.json_response([f"{n}.safetensors" for n in lora_names()])
+    return web.json_response([])
+
+
+async def get_embeddings(request: web.Request) -> web.Response:
+    return web.json_response([])  # textual-inversion embeddings: none (edgegen's text encoders are compiled)
+
+
+async def get_features(request: web.Request) -> web.Response:
+    cfg = _ctx(request)[0]
+    # no preview frames over /ws yet, so no preview metadata either
+    return web.json_response({"supports_preview_metadata": False, "max_upload_size": cfg.max_upload_bytes})
+
+
 async def get_root(request: web.Request) -> web.Response:
     _, _, _, _, bundles = _ctx(request)
     return web.json_response({"edgegen": __version__, "bundles": bundles.names(),
                               "api": "ComfyUI-compatible: /prompt /history /view /queue /interrupt "
-                                     "/system_stats /upload/image /ws"})
+                                     "/system_stats /upload/image /ws /object_info /models /embeddings "
+                                     "/features"})
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -360,7 +409,10 @@ def make_app(config: ServerConfig, queue: JobQueue, worker: Worker, hub: Hub, bu
         ("GET", "/queue", get_queue), ("POST", "/queue", post_queue),
         ("POST", "/interrupt", post_interrupt), ("GET", "/view", get_view),
         ("POST", "/upload/image", post_upload_image), ("GET", "/system_stats", get_system_stats),
-        ("GET", "/ws", get_ws),
+        ("GET", "/ws", get_ws), ("GET", "/object_info", get_object_info),
+        ("GET", "/object_info/{node_class}", get_object_info_node), ("GET", "/models", get_models),
+        ("GET", "/models/{folder}", get_models_folder), ("GET", "/embeddings", get_embeddings),
+        ("GET", "/features", get_features),
     ]
     for prefix in ("", "/api"):  # newer ComfyUI frontends call the same routes under /api
         for method, path, handler in routes:
