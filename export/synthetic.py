@@ -181,6 +181,7 @@ class SD3Size:
     vae_layers_per_block: int = 1
     pos_embed_max_size: int = 64
     latent_channels: int = 16
+    vae_mid_attention: bool = True  # off for the 1024 px template models: a 128² latent's attention is 1 GiB
 
 
 def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True, size: SD3Size = SD3Size()):
@@ -230,7 +231,7 @@ def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True
         block_out_channels=size.vae_channels, in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         latent_channels=size.latent_channels, layers_per_block=size.vae_layers_per_block, norm_num_groups=32,
-        sample_size=32,
+        sample_size=32, mid_block_add_attention=size.vae_mid_attention,
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

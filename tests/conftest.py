@@ -187,3 +187,28 @@ def demo_bundle(tmp_path_factory) -> Path:
     model = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
     return shared(tmp_path_factory, "demo",
                   lambda out: main(["export", "--model", str(model), "--out", str(out)]) == 0 or pytest.fail("export"))
+
+
+# ComfyUI's official templates draw at 1024 px, so their tiny stand-ins have a real VAE's 8x downscale (four VAE
+# blocks, no mid-block attention, whose 128² latent would need 1 GiB) and a size range up to 1280: a held-out
+# Klein base model (CFG on, 16 latent channels, 16-wide VAE) and an SD3 (three heads, 32-wide VAE, 64-patch table).
+TEMPLATE_KLEIN = dict(vae_channels=(16, 16, 16, 16), vae_mid_attention=False, latent_channels=16, is_distilled=False)
+TEMPLATE_SD3 = dict(vae_channels=(32, 32, 32, 32), vae_mid_attention=False, heads=3)
+
+
+@pytest.fixture(scope="session")
+def template_bundles(tmp_path_factory) -> dict[str, Path]:
+    """{"klein": bundle, "sd3": bundle} sized for ComfyUI's templates, exported once per run."""
+    from export import synthetic
+
+    def make(out):
+        from app.cli import main
+
+        k = synthetic.save(synthetic.build_klein(synthetic.KleinSize(**TEMPLATE_KLEIN)), out / "klein-model")
+        s = synthetic.save(synthetic.build_sd3(size=synthetic.SD3Size(**TEMPLATE_SD3)), out / "sd3-model")
+        for model, name, top in ((k, "klein-tpl", "1280"), (s, "sd3-tpl", "1024")):
+            assert main(["export", "--model", str(model), "--out", str(out / name), "--min-size", "256",
+                         "--max-size", top]) == 0
+
+    root = shared(tmp_path_factory, "template-bundles", make)
+    return {"klein": root / "klein-tpl", "sd3": root / "sd3-tpl"}

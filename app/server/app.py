@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import uuid
+from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
@@ -16,6 +17,7 @@ from app import __version__
 from app.server.config import ServerConfig
 from app.server.events import Hub
 from app.server.graph import GraphError, parse_prompt
+from app.server.workflow import is_ui_workflow, to_api
 from app.server.queue import FINISHED, PENDING, RUNNING, SUCCESS, JobQueue
 from app.server.security import PathRefused, confined, origin_allowed, token_ok
 from app.server.worker import Worker
@@ -114,7 +116,9 @@ async def post_prompt(request: web.Request) -> web.Response:
     except _BadJson as e:
         return e.response
     try:
-        plan = parse_prompt(body.get("prompt"), bundles, cfg.input_dir)
+        if is_ui_workflow(body.get("prompt")):  # an edgegen extension: a workflow saved from ComfyUI's canvas
+            body["prompt"] = to_api(body["prompt"], _object_info(bundles, cfg))
+        plan = parse_prompt(body.get("prompt"), bundles, cfg.input_dir, cfg.alias_map())
     except GraphError as e:
         return web.json_response(e.body(), status=400)
     client_id = body.get("client_id")
@@ -334,20 +338,30 @@ async def get_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _object_info(bundles) -> dict:
+def _object_info(bundles, cfg) -> dict:
     from app.bundle.loras import names as lora_names
     from app.server.nodes import object_info
 
-    return object_info(bundles.names(), lora_names())
+    return object_info(bundles.names(), lora_names(), input_images(cfg.input_dir), [a for a, _ in cfg.aliases])
+
+
+def input_images(folder: Path) -> list[str]:
+    """The input folder's files, as LoadImage's choices (ComfyUI lists its input folder the same way)."""
+    try:
+        return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 async def get_object_info(request: web.Request) -> web.Response:
     """ComfyUI's node schemas for the node types edgegen accepts; installed bundles and library LoRAs as choices."""
-    return web.json_response(_object_info(_ctx(request)[4]))
+    cfg, *_, bundles = _ctx(request)
+    return web.json_response(_object_info(bundles, cfg))
 
 
 async def get_object_info_node(request: web.Request) -> web.Response:
-    info = _object_info(_ctx(request)[4])
+    cfg, *_, bundles = _ctx(request)
+    info = _object_info(bundles, cfg)
     name = request.match_info["node_class"]
     return web.json_response({name: info[name]} if name in info else {})  # ComfyUI: {} for a node it lacks
 

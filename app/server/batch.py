@@ -49,9 +49,20 @@ def load_workflow(path: Path) -> dict:
         raise UsageError(f"--workflow {path} is not JSON ({e.msg}, line {e.lineno}); save it from ComfyUI with "
                          "'Save (API format)'") from None
     graph = data.get("prompt", data) if isinstance(data, dict) else None
+    from app.server.workflow import is_ui_workflow
+
+    if is_ui_workflow(graph):  # saved from ComfyUI's canvas: converted with the schemas /object_info serves
+        from app.server.graph import GraphError
+        from app.server.nodes import object_info
+        from app.server.workflow import to_api
+
+        try:
+            return to_api(graph, object_info([], []))
+        except GraphError as e:
+            raise UsageError(f"--workflow {path}: {e}") from None
     if not isinstance(graph, dict) or not all(isinstance(v, dict) and "class_type" in v for v in graph.values()):
         raise UsageError(f"--workflow {path} is not an API-format workflow ({{node_id: {{class_type, inputs}}}}); "
-                         "in ComfyUI use 'Save (API format)', not 'Save'")
+                         "save it from ComfyUI (either 'Save' or 'Save (API format)')")
     return graph
 
 

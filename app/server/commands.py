@@ -19,6 +19,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--bundle", type=Path, action="append", default=[],
                    help="a bundle, or a folder of bundles, to serve (repeatable; engines/ is always searched)")
     s.add_argument("--output", type=Path, help="folder for generated images (default: per-user data folder)")
+    s.add_argument("--alias", action="append", default=[], type=_alias, metavar="NAME=BUNDLE",
+                   help="let loaders name BUNDLE as NAME, e.g. flux-2-klein-4b.safetensors=klein4b, so ComfyUI's "
+                        "templates run unchanged (repeatable)")
     s.add_argument("--cluster", metavar="ADDRESS", help="spread jobs over a Ray cluster's GPUs: the head's IP:PORT, "
                                                          "or 'local' for this machine's GPUs (docs/CLUSTER.md)")
     s.add_argument("--cluster-token-file", type=Path, metavar="FILE",
@@ -43,10 +46,22 @@ def add_parsers(sub) -> None:
     b.add_argument("--token-file", type=Path)
     b.add_argument("--bundle", type=Path, action="append", default=[], help="in-process only: bundles to serve")
     b.add_argument("--output", type=Path, help="in-process only: folder for generated images")
+    b.add_argument("--alias", action="append", default=[], type=_alias, metavar="NAME=BUNDLE",
+                   help="in-process only: loaders may name BUNDLE as NAME (as serve --alias)")
 
 
 _port = whole(0, 65535, "port number", " (0 picks a free one)")
 _positive = whole(1)
+
+
+def _alias(text: str) -> tuple[str, str]:
+    import argparse
+
+    name, sep, bundle = text.partition("=")
+    if not sep or not name.strip() or not bundle.strip() or "/" in name or "\\" in name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=BUNDLE (a file name a workflow's loader uses, and "
+                                         "a served bundle's name), e.g. flux-2-klein-4b.safetensors=klein4b")
+    return name.strip(), bundle.strip()
 
 
 def _server_deps() -> None:
@@ -67,7 +82,7 @@ def cmd_serve(args, cluster=None) -> int:
     token = read_token_file(args.token_file) if args.token_file else None
     config = ServerConfig(host=args.host, port=args.port, token=token, bundles=tuple(args.bundle),
                           output_dir=args.output, redact_prompts=args.redact_prompts,
-                          cors_origins=tuple(args.cors_origin))
+                          cors_origins=tuple(args.cors_origin), aliases=tuple(args.alias))
     if args.cluster:
         if cluster is None:
             raise UsageError("--cluster is not available in this edgegen; run one edgegen serve per GPU")
@@ -85,15 +100,17 @@ def cmd_batch(args) -> int:
     from app.server.security import read_token_file
 
     _server_deps()
-    if args.server and (args.bundle or args.output):
-        raise UsageError("--bundle and --output apply to in-process runs; with --server the server decides them")
+    if args.server and (args.bundle or args.output or args.alias):
+        raise UsageError("--bundle, --output and --alias apply to in-process runs; with --server the server "
+                         "decides them")
     token = read_token_file(args.token_file) if args.token_file else None
     from app.server.config import default_data_dir
 
     # Its own queue database: one a running `edgegen serve` holds stays untouched.
     db = (args.output.absolute().parent / f"{args.output.name}-batch-queue.sqlite3" if args.output
           else default_data_dir() / "batch-queue.sqlite3")
-    local = ServerConfig(port=0, bundles=tuple(args.bundle), output_dir=args.output, db_path=db)
+    local = ServerConfig(port=0, bundles=tuple(args.bundle), output_dir=args.output, db_path=db,
+                         aliases=tuple(args.alias))
     res = run_batch(args.rows, args.workflow, server=args.server, concurrency=args.concurrency, resume=args.resume,
                     results=args.results, token=token, local_config=local, say=say)
     say(f"{res.done} rows done, {res.failed} failed, {res.skipped} skipped as already done; "

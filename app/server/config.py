@@ -52,7 +52,13 @@ class ServerConfig:
     max_attempts: int = 2  # a job running when the server died is re-queued until it has run this often
     max_loaded_bundles: int = 2  # pipelines kept loaded in the worker (least recently used dropped)
     history_limit: int = 10_000  # finished jobs kept in the database
+    # model file names mapped onto bundles ((name, bundle name), ...): ComfyUI templates' loaders name files such
+    # as "flux-2-klein-4b.safetensors" / "qwen_3_4b.safetensors"; `serve --alias NAME=BUNDLE` lets them run as-is
+    aliases: tuple[tuple[str, str], ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
+
+    def alias_map(self) -> dict[str, str]:
+        return dict(self.aliases)
 
     def resolved(self) -> ServerConfig:
         from dataclasses import replace

@@ -1,12 +1,14 @@
 """Turn a ComfyUI API-format workflow graph into generation tasks, or into ComfyUI-shaped node_errors.
 
 Two graph kinds are accepted:
-- the plain text-to-image graph ComfyUI's "Save (API format)" writes: CheckpointLoaderSimple (ckpt_name names
-  a bundle), CLIPTextEncode (positive, negative), EmptyLatentImage, KSampler, VAEDecode, SaveImage, and
-  LoraLoader / LoraLoaderModelOnly: lora_name from the site LoRA library, per request, for a bundle exported
-  with --runtime-lora (docs/LORA.md), or the LoRA fused into the bundle at export;
+- ComfyUI's own node sets, as "Save (API format)" writes them (a UI-format workflow is converted first,
+  app/server/workflow.py): the classic CheckpointLoaderSimple -> KSampler graph and FLUX.2 Klein's
+  custom-sampling and reference-editing graphs, evaluated by app/server/comfy.py. LoraLoader /
+  LoraLoaderModelOnly take lora_name from the site LoRA library, per request, for a bundle exported with
+  --runtime-lora (docs/LORA.md), or the LoRA fused into the bundle at export;
 - the compact `EdgegenGenerate` node with the fields of `edgegen generate`.
-Every other node type is refused by name, so a client learns up front what will not run.
+Every other node type is refused by name, with what to use instead, so a client learns up front what will
+not run.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.server.bundles import BundleIndex
+from app.server.comfy import NODES, unsupported_hint
+from app.server.comfy import Bad as ComfyBad
 from app.server.security import PathRefused, confined
 
 # ComfyUI's node types we understand, and what each needs.
-SUPPORTED = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "EmptySD3LatentImage", "KSampler",
-             "VAEDecode", "SaveImage", "LoraLoader", "LoraLoaderModelOnly", "EdgegenGenerate")
+SUPPORTED = (*NODES, "EdgegenGenerate")
 LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 OUTPUT_TYPES = ("SaveImage", "EdgegenGenerate")
 MAX_COUNT = 64  # images per output node; a catalogue fans out over prompts, not one giant batch
@@ -51,6 +54,8 @@ class Task:
     requests: tuple[dict, ...]  # GenerationRequest fields, JSON-able
     filename_prefix: str = DEFAULT_PREFIX
     references: tuple[str, ...] = ()  # absolute paths of uploaded reference images
+    # per reference: None, or [method, width, height] to scale it to first (ComfyUI's ImageScaleToTotalPixels)
+    reference_scales: tuple = ()
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -59,7 +64,8 @@ class Task:
     def from_json(cls, d: dict) -> Task:
         return cls(node=d["node"], sampler_node=d["sampler_node"], bundle_dir=d["bundle_dir"],
                    requests=tuple(d["requests"]), filename_prefix=d["filename_prefix"],
-                   references=tuple(d.get("references", ())))
+                   references=tuple(d.get("references", ())),
+                   reference_scales=tuple(d.get("reference_scales", ())))
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,14 @@ def request_fields() -> frozenset[str]:
 class _Errors:
     by_node: dict = field(default_factory=dict)
 
-    def add(self, graph: dict, node: str, type_: str, message: str, details: str = "", output: str | None = None):
+    def add(self, graph: dict, node: str, type_: str, message: str, details: str = "", output: str | None = None,
+            input_name: str | None = None):
         entry = self.by_node.setdefault(str(node), {
             "errors": [], "dependent_outputs": [],
             "class_type": (graph.get(node) or {}).get("class_type") if isinstance(graph.get(node), dict) else None,
         })
-        entry["errors"].append({"type": type_, "message": message, "details": details, "extra_info": {}})
+        extra = {"input_name": input_name} if input_name else {}
+        entry["errors"].append({"type": type_, "message": message, "details": details, "extra_info": extra})
         if output is not None and output not in entry["dependent_outputs"]:
             entry["dependent_outputs"].append(output)
 
@@ -104,12 +112,14 @@ class _Errors:
 class _Bad(Exception):
     """One input of one node is wrong; collected into node_errors."""
 
-    def __init__(self, node: str, message: str, details: str = "", type_: str = "value_not_valid"):
+    def __init__(self, node: str, message: str, details: str = "", type_: str = "value_not_valid",
+                 input_name: str | None = None):
         super().__init__(message)
         self.node, self.message, self.details, self.type = node, message, details, type_
+        self.input_name = input_name
 
 
-def parse_prompt(graph: object, bundles: BundleIndex, input_dir: Path) -> Plan:
+def parse_prompt(graph: object, bundles: BundleIndex, input_dir: Path, aliases: dict | None = None) -> Plan:
     """Validate `graph` (the "prompt" member of POST /prompt) and plan its tasks; GraphError when invalid."""
     if not isinstance(graph, dict) or not graph:
         raise GraphError("invalid_prompt", "Invalid prompt",
@@ -121,8 +131,7 @@ def parse_prompt(graph: object, bundles: BundleIndex, input_dir: Path) -> Plan:
                        f"node {node} needs a string class_type and an inputs object")
         elif spec["class_type"] not in SUPPORTED:
             errors.add(graph, node, "unsupported_node", f"Node type {spec['class_type']} is not supported by edgegen",
-                       f"edgegen runs text-to-image graphs of {', '.join(SUPPORTED[:-1])}, or the compact "
-                       "EdgegenGenerate node; remove or replace this node")
+                       unsupported_hint(spec["class_type"]))
         elif not isinstance(spec.get("inputs", {}), dict):
             errors.add(graph, node, "invalid_node", "Node inputs must be an object", f"node {node}")
     if errors.by_node:
@@ -138,11 +147,11 @@ def parse_prompt(graph: object, bundles: BundleIndex, input_dir: Path) -> Plan:
             if graph[out]["class_type"] == "EdgegenGenerate":
                 tasks.append(_compact(graph, out, bundles, input_dir))
             else:
-                task, more = _comfy(graph, out, bundles)
+                task, more = _comfy(graph, out, bundles, input_dir, aliases or {})
                 tasks.append(task)
                 notes += [n for n in more if n not in notes]
-        except _Bad as b:
-            errors.add(graph, b.node, b.type, b.message, b.details, output=out)
+        except (_Bad, ComfyBad) as b:
+            errors.add(graph, b.node, b.type, b.message, b.details, output=out, input_name=b.input_name)
     if errors.by_node:
         raise GraphError("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                          node_errors=errors.by_node)
@@ -210,80 +219,135 @@ def _link(graph, node, name, want: tuple[str, ...]) -> tuple[str, int]:
     return src, v[1]
 
 
-# ----- ComfyUI text-to-image --------------------------------------------------------------------------------
+# ----- ComfyUI's node sets (app/server/comfy.py evaluates them) ----------------------------------------------
 
-def _comfy(graph: dict, save: str, bundles: BundleIndex) -> tuple[Task, list[str]]:
-    notes: list[str] = []
+def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliases: dict) -> tuple[Task, list[str]]:
+    from app.server.comfy import Bad, Decoded, Empty, Encoded, Evaluator
+
+    ev = Evaluator(graph, bundles, input_dir, aliases)
     prefix = _prefix(graph, save)
-    decode, _ = _link(graph, save, "images", ("VAEDecode",))
-    sampler, _ = _link(graph, decode, "samples", ("KSampler",))
-    model_src = _model_chain(graph, sampler, "model", 0)
-    ckpt, loras = model_src
-    vae_ckpt, _ = _model_chain(graph, decode, "vae", 2)
-    if vae_ckpt != ckpt:
-        raise _Bad(decode, "VAEDecode must use the same checkpoint's VAE as the KSampler's model",
-                   f"VAE from node {vae_ckpt}, model from node {ckpt}")
-    bundle_name = _value(graph, ckpt, "ckpt_name", str)
-    bundle_dir = _bundle(bundles, ckpt, bundle_name)
-    manifest = bundles.manifest(bundle_dir)
-    runtime = [c for c in (_check_lora(graph, n, bundle_name, manifest) for n in reversed(loras)) if c]
+    try:
+        dec = ev.arg(save, "images", Decoded)
+    except Bad as b:
+        raise _Bad(b.node, b.message, b.details, b.type, b.input_name) from None
+    s = dec.sampled
+    bundle = s.model.bundle
+    manifest, family = bundle.manifest, bundle.manifest.get("family")
+
+    def same_bundle(node, what, other):
+        if other.path != bundle.path:
+            raise _Bad(node, f"{what} must come from the same bundle as the model",
+                       f"it loads {other.name} ({other.node}), the model {bundle.name} ({bundle.node}); edgegen "
+                       "bundles carry their own text encoders and VAE")
+
+    same_bundle(dec.node, "VAEDecode's vae", dec.vae.bundle)
+    conds = [c for c in (s.positive, s.negative) if c is not None]
+    for c in conds:
+        same_bundle(c.node, "The text encoder (clip)", c.clip.bundle)
+        for lora_node in c.clip.loras:
+            _check_lora(graph, lora_node, bundle.name, manifest)
+    if s.positive.text is None:
+        raise _Bad(s.positive.node, "The positive conditioning is zeroed out", "link a CLIPTextEncode to positive")
+    guided = abs(s.cfg - 1.0) > 1e-6
+    negative = ""
+    if s.negative is not None and guided:
+        if s.negative.text is None:
+            raise _Bad(s.negative.node, f"ConditioningZeroOut as the negative with cfg {s.cfg:g} is not supported",
+                       "edgegen's pipelines take a negative prompt (diffusers' default is the empty prompt): use "
+                       "CLIPTextEncode with empty text as the negative, or cfg 1")
+        negative = s.negative.text
+        if [r.picture for r in s.negative.refs] != [r.picture for r in s.positive.refs]:
+            raise _Bad(s.negative.node, "The negative conditioning must carry the same reference images as the "
+                       "positive", "edgegen (as diffusers' Flux2KleinPipeline) conditions both on the same "
+                       "references: apply the same ReferenceLatent chain to both")
+    refs = [r for r in s.positive.refs]
+    for r in refs:
+        same_bundle(r.node, "VAEEncode's vae", r.vae.bundle)
+    if refs and family != "flux2-klein":
+        raise _Bad(refs[0].node, "Reference images (ReferenceLatent) are FLUX.2 Klein's editing",
+                   f"bundle {bundle.name} is {family}; for SD3.5 image-to-image feed VAEEncode to KSampler's "
+                   "latent_image with denoise < 1")
+    if s.sigmas is not None and family != "flux2-klein":
+        raise _Bad(s.sigmas.node, "Flux2Scheduler is FLUX.2 Klein's schedule", f"bundle {bundle.name} is {family}: "
+                   "use KSampler")
+    latent, images, strength = s.latent, [], None
+    if isinstance(latent, Empty):
+        if graph[latent.node]["class_type"] == "EmptyFlux2LatentImage" and family != "flux2-klein":
+            raise _Bad(latent.node, "EmptyFlux2LatentImage is FLUX.2 Klein's", "use EmptySD3LatentImage")
+        if s.denoise < 1 - 1e-6:
+            raise _Bad(s.node, f"denoise {s.denoise:g} needs an image to start from",
+                       "feed LoadImage -> VAEEncode to latent_image (SD3.5 image-to-image), or use denoise 1")
+        width, height, count, computed = latent.width, latent.height, latent.batch, latent.computed
+    elif isinstance(latent, Encoded):
+        same_bundle(latent.node, "VAEEncode's vae", latent.vae.bundle)
+        if family != "sd3":
+            raise _Bad(s.node, f"Image-to-image (an encoded latent_image) is SD3.5's; bundle {bundle.name} is "
+                       f"{family}", "FLUX.2 Klein edits with ReferenceLatent and an empty latent")
+        if not 0 < s.denoise < 1:
+            raise _Bad(s.node, f"denoise {s.denoise:g} on an encoded image must be above 0 and below 1",
+                       "it is generate --strength: 1 would redraw the image entirely (use EmptySD3LatentImage)")
+        images, strength = [latent.picture], s.denoise
+        (width, height), count, computed = latent.picture.size, 1, True
+    else:
+        raise _Bad(s.node, "A second sampling pass over a sampled latent is not supported",
+                   "edgegen draws each image in one pass: sample from an empty or encoded latent")
+    mult = (manifest.get("size_range") or {}).get("multiple", 1)
+    if computed:  # ComfyUI's latents floor a computed size to the latent grid; generate needs the multiple
+        fw, fh = (width // mult) * mult, (height // mult) * mult
+        if (fw, fh) != (width, height):
+            notes_size = f"size {width}x{height} from the image is drawn at {fw}x{fh} (multiples of {mult})"
+            ev.notes.append(notes_size)
+        width, height = fw, fh
+    if s.sigmas is not None and (s.sigmas.width, s.sigmas.height) != (latent.width, latent.height) \
+            and not isinstance(latent, Encoded):
+        raise _Bad(s.sigmas.node, f"Flux2Scheduler's size {s.sigmas.width}x{s.sigmas.height} differs from the "
+                   f"latent's {latent.width}x{latent.height}", "link both to the same width and height (the "
+                   "schedule's shift depends on the image size, as in generate)")
+    runtime = [c for c in (_check_lora(graph, n, bundle.name, manifest) for n in reversed(s.model.loras)) if c]
     if len({n for n, _ in runtime}) < len(runtime):
-        raise _Bad(loras[0], "The same LoRA is loaded twice", "load each LoRA once, with the strength you want")
+        raise _Bad(s.model.loras[0], "The same LoRA is loaded twice", "load each LoRA once, with the strength you want")
     if runtime:
-        _check_runtime_loras(loras[0], manifest, runtime, bundle_name)
-    prompts = {}
-    for which in ("positive", "negative"):
-        enc, _ = _link(graph, sampler, which, ("CLIPTextEncode",))
-        clip_ckpt, clip_loras = _model_chain(graph, enc, "clip", 1)
-        if clip_ckpt != ckpt:
-            raise _Bad(enc, "CLIPTextEncode must use the same checkpoint as the KSampler",
-                       f"clip from node {clip_ckpt}, model from node {ckpt}")
-        for lora_node in clip_loras:
-            _check_lora(graph, lora_node, bundle_name, manifest)
-        prompts[which] = _value(graph, enc, "text", str)
-    latent, _ = _link(graph, sampler, "latent_image", ("EmptyLatentImage", "EmptySD3LatentImage"))
-    width = _value(graph, latent, "width", int)
-    height = _value(graph, latent, "height", int)
-    count = _value(graph, latent, "batch_size", int, default=1, required=False)
-    seed = _value(graph, sampler, "seed", int)
-    steps = _value(graph, sampler, "steps", int)
-    cfg = _value(graph, sampler, "cfg", float)
-    denoise = _value(graph, sampler, "denoise", float, default=1.0, required=False)
-    if abs(denoise - 1.0) > 1e-6:
-        raise _Bad(sampler, "KSampler denoise below 1.0 (image-to-image) is not supported in this graph",
-                   "use denoise 1.0, or the EdgegenGenerate node with reference images")
-    for name in ("sampler_name", "scheduler"):
-        v = _inputs(graph, sampler).get(name)
-        if v is not None:
-            notes.append(f"KSampler {name} '{v}' ignored: edgegen uses the bundle's own flow-matching scheduler")
-    _check_size(latent, manifest, width, height)
-    _check_seed(sampler, seed)
-    _check_count(latent, count)
-    _check_steps(sampler, steps)
+        _check_runtime_loras(s.model.loras[0], manifest, runtime, bundle.name)
+    size_node = latent.node if isinstance(latent, Empty) else s.node
+    _check_size(size_node, manifest, width, height)
+    seed_node = s.node if graph[s.node.split("#")[0]]["class_type"] == "KSampler" else _seed_node(graph, s)
+    _check_seed(seed_node, s.seed)
+    _check_count(size_node, count)
+    _check_steps(s.sigmas.node if s.sigmas else s.node, s.steps)
+    pictures = [r.picture for r in refs] + images
+    if refs:
+        _check_reference_sizes(refs, manifest)
     extra = {"loras": [list(c) for c in runtime]} if runtime else {}
-    reqs = tuple(dict(_request(prompts["positive"], prompts["negative"], seed + i, steps, cfg, width, height),
-                      **extra) for i in range(count))
-    return Task(save, sampler, str(bundle_dir), reqs, prefix), notes
+    if strength is not None:
+        extra["strength"] = strength
+    if pictures:
+        _check_images(refs[0].node if refs else s.node, bundle.path, tuple(p.path for p in pictures), strength)
+    reqs = tuple(dict(_request(s.positive.text, negative, s.seed + i, s.steps, s.cfg, width, height), **extra)
+                 for i in range(count))
+    sampler = s.node.split("#")[0]
+    return (Task(save, sampler, str(bundle.path), reqs, prefix, tuple(p.path for p in pictures),
+                 tuple(list(p.scale) if p.scale else None for p in pictures)), ev.notes)
 
 
-def _model_chain(graph, node, name, slot) -> tuple[str, list[str]]:
-    """Follow model/clip/vae links through LoraLoaders to the checkpoint: (checkpoint node, [lora nodes])."""
-    loras: list[str] = []
-    # the model chain may pass LoraLoaderModelOnly nodes; the clip chain only LoraLoader (which has a CLIP output)
-    chain = {0: ("CheckpointLoaderSimple", *LORA_NODES), 1: ("CheckpointLoaderSimple", "LoraLoader")}
-    want = chain.get(slot, ("CheckpointLoaderSimple",))
-    src, out = _link(graph, node, name, want)
-    seen = set()
-    while graph[src]["class_type"] in LORA_NODES:
-        if src in seen:
-            raise _Bad(src, "LoraLoader links form a cycle", "", "bad_linked_input")
-        seen.add(src)
-        loras.append(src)
-        src, _ = _link(graph, src, "model" if slot == 0 else "clip", want)
-    if out != slot:
-        raise _Bad(node, f"Input {name} must use output {slot} of its loader", f"it uses output {out}",
-                   "bad_linked_input")
-    return src, loras
+def _seed_node(graph, s) -> str:
+    src = (graph[s.node.split("#")[0]].get("inputs") or {}).get("noise")
+    return str(src[0]) if isinstance(src, list) and src else s.node
+
+
+def _check_reference_sizes(refs, manifest) -> None:
+    from app.runtime.references import MAX_ASPECT, MIN_SIDE, reference_size
+
+    largest = manifest["size_range"]["max"]
+    for r in refs:
+        w, h = r.picture.size
+        if min(w, h) < MIN_SIDE or max(w / h, h / w) > MAX_ASPECT:
+            raise _Bad(r.picture.node, f"Reference image is {w}x{h}", f"references must be at least {MIN_SIDE} px a "
+                       f"side and at most {MAX_ASPECT}:1 (as diffusers' Flux2KleinPipeline)")
+        rw, rh = reference_size((w, h), manifest["pipeline"])
+        if max(rw, rh) > largest:
+            raise _Bad(r.picture.node, f"Reference image is {rw}x{rh} after preprocessing; this bundle encodes at "
+                       f"most {largest} px per side", "scale it to fewer megapixels (ImageScaleToTotalPixels), or "
+                       "re-export the bundle with a larger --max-size")
 
 
 def _check_lora(graph, node, bundle_name, manifest) -> tuple[str, float] | None:

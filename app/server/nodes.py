@@ -12,6 +12,12 @@ from __future__ import annotations
 
 MAX_SEED = 2**63 - 1  # edgegen's seeds are torch generator seeds (ComfyUI allows 2**64 - 1)
 MAX_SIZE = 16384
+SAMPLERS = ("euler",)  # the bundles' flow-matching Euler step; other samplers are refused by name
+# schedulers a KSampler may name: each runs the bundle's own flow-matching schedule (reported in history)
+SCHEDULERS = ("simple", "sgm_uniform", "normal", "beta", "karras", "exponential", "ddim_uniform",
+              "linear_quadratic", "kl_optimal")
+CLIP_TYPES = ("flux2", "sd3")  # the families' text-encoder types; the loaded bundle's family must match
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 
 
 def _int(default, lo, hi, step=None, **extra):
@@ -42,12 +48,16 @@ def _node(name, required, outputs=(), category="", description="", optional=None
     }
 
 
-def object_info(bundles: list[str], loras: list[str]) -> dict[str, dict]:
-    """Every accepted node type's schema, with this server's bundles and LoRAs as the loaders' choices."""
+def object_info(bundles: list[str], loras: list[str], images: list[str] = (), aliases: list[str] = ()
+                ) -> dict[str, dict]:
+    """Every accepted node type's schema, with this server's bundles and LoRAs as the loaders' choices (and the
+    input folder's images as LoadImage's; `aliases`: model file names a site mapped onto bundles)."""
     from app.bundle.loras import STRENGTH_RANGE
     from app.server.graph import MAX_COUNT
 
     lora_files = [f"{n}.safetensors" for n in loras]
+    models = sorted({*bundles, *aliases})
+    images = sorted(images)
     lo, hi = STRENGTH_RANGE
     latent = {"width": _int(1024, 16, MAX_SIZE, 16), "height": _int(1024, 16, MAX_SIZE, 16),
               "batch_size": _int(1, 1, MAX_COUNT)}
@@ -66,11 +76,12 @@ def object_info(bundles: list[str], loras: list[str]) -> dict[str, dict]:
         _node("KSampler", {
             "model": ["MODEL"], "seed": _int(0, 0, MAX_SEED, control_after_generate=True),
             "steps": _int(20, 1, 10000), "cfg": _float(8.0, 0.0, 100.0, 0.1, round=0.01),
-            "sampler_name": [["euler"], {"tooltip": "edgegen runs the bundle's flow-matching Euler sampler."}],
-            "scheduler": [["simple"], {"tooltip": "edgegen uses the bundle's own scheduler."}],
+            "sampler_name": [list(SAMPLERS), {"tooltip": "edgegen runs the bundle's flow-matching Euler sampler."}],
+            "scheduler": [list(SCHEDULERS), {"tooltip": "edgegen uses the bundle's own schedule, as generate."}],
             "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "latent_image": ["LATENT"],
-            "denoise": _float(1.0, 1.0, 1.0, 0.01)},
-              [("LATENT", "LATENT")], "sampling", "Denoises with the bundle's schedule, as edgegen generate.",
+            "denoise": _float(1.0, 0.0, 1.0, 0.01)},
+              [("LATENT", "LATENT")], "sampling", "Denoises with the bundle's schedule, as edgegen generate; "
+              "denoise below 1 on a VAEEncode'd image is SD3.5 image-to-image (generate --strength).",
               display="KSampler"),
         _node("VAEDecode", {"samples": ["LATENT"], "vae": ["VAE"]}, [("IMAGE", "IMAGE")], "latent",
               "Latents to pixels with the bundle's VAE decoder.", display="VAE Decode"),
@@ -86,6 +97,67 @@ def object_info(bundles: list[str], loras: list[str]) -> dict[str, dict]:
                                       "strength_model": _float(1.0, lo, hi, 0.01)},
               [("MODEL", "MODEL")], "loaders", "A LoRA from the site library, applied per request.",
               display="LoraLoaderModelOnly"),
+        # FLUX.2 Klein's native node set (ComfyUI's official templates) and the image nodes of its edit graphs
+        _node("UNETLoader", {"unet_name": [models, {"tooltip": "An edgegen bundle (or a name aliased to one)."}],
+                             "weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]]},
+              [("MODEL", "MODEL")], "advanced/loaders", "The bundle's transformer engine; weight_dtype is the "
+              "bundle's own precision.", display="Load Diffusion Model"),
+        _node("CLIPLoader", {"clip_name": [models], "type": [list(CLIP_TYPES)]},
+              [("CLIP", "CLIP")], "advanced/loaders", "The bundle's text encoder(s): the same bundle as the model.",
+              optional={"device": [["default", "cpu"], {"advanced": True}]}, display="Load CLIP"),
+        _node("VAELoader", {"vae_name": [models]}, [("VAE", "VAE")], "loaders",
+              "The bundle's VAE: the same bundle as the model.", display="Load VAE"),
+        _node("ConditioningZeroOut", {"conditioning": ["CONDITIONING"]}, [("CONDITIONING", "CONDITIONING")],
+              "advanced/conditioning", "No negative prompt (used where cfg is 1).", display="ConditioningZeroOut"),
+        _node("EmptyFlux2LatentImage", {"width": _int(1024, 16, MAX_SIZE, 16), "height": _int(1024, 16, MAX_SIZE, 16),
+                                        "batch_size": _int(1, 1, MAX_COUNT)},
+              [("LATENT", "LATENT")], "latent", "The image size and batch.", display="Empty Flux 2 Latent"),
+        _node("Flux2Scheduler", {"steps": _int(20, 1, 4096), "width": _int(1024, 16, MAX_SIZE, 1),
+                                 "height": _int(1024, 16, MAX_SIZE, 1)},
+              [("SIGMAS", "SIGMAS")], "sampling/custom_sampling/schedulers",
+              "The bundle's flow-matching schedule for this size (the same empirical shift).",
+              display="Flux2Scheduler"),
+        _node("RandomNoise", {"noise_seed": _int(0, 0, MAX_SEED, control_after_generate=True)},
+              [("NOISE", "NOISE")], "sampling/custom_sampling/noise", "The seed, as generate --seed.",
+              display="RandomNoise"),
+        _node("KSamplerSelect", {"sampler_name": [list(SAMPLERS)]}, [("SAMPLER", "SAMPLER")],
+              "sampling/custom_sampling/samplers", "Euler: the bundle's flow-matching sampler.",
+              display="KSamplerSelect"),
+        _node("CFGGuider", {"model": ["MODEL"], "positive": ["CONDITIONING"], "negative": ["CONDITIONING"],
+                            "cfg": _float(8.0, 0.0, 100.0, 0.1, round=0.01)},
+              [("GUIDER", "GUIDER")], "sampling/custom_sampling/guiders", "cfg is generate --guidance.",
+              display="CFGGuider"),
+        _node("BasicGuider", {"model": ["MODEL"], "conditioning": ["CONDITIONING"]}, [("GUIDER", "GUIDER")],
+              "sampling/custom_sampling/guiders", "No negative: guidance 1.", display="BasicGuider"),
+        _node("SamplerCustomAdvanced", {"noise": ["NOISE"], "guider": ["GUIDER"], "sampler": ["SAMPLER"],
+                                        "sigmas": ["SIGMAS"], "latent_image": ["LATENT"]},
+              [("LATENT", "output"), ("LATENT", "denoised_output")], "sampling/custom_sampling",
+              "Denoises as edgegen generate.", display="SamplerCustomAdvanced"),
+        _node("LoadImage", {"image": [images, {"image_upload": True}]}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+              "image", "An image from the input folder (POST /upload/image).", display="Load Image"),
+        _node("ImageScaleToTotalPixels", {
+            "image": ["IMAGE"], "upscale_method": ["COMBO", {"multiselect": False, "options": list(UPSCALE_METHODS)}],
+            "megapixels": _float(1.0, 0.01, 16.0, 0.01), "resolution_steps": _int(1, 1, 256, advanced=True)},
+              [("IMAGE", "IMAGE")], "image/upscaling", "Scales to an area, as ComfyUI's node does.",
+              display="Scale Image to Total Pixels"),
+        _node("GetImageSize", {"image": ["IMAGE"]}, [("INT", "width"), ("INT", "height"), ("INT", "batch_size")],
+              "image", "The image's width and height.", display="Get Image Size"),
+        _node("VAEEncode", {"pixels": ["IMAGE"], "vae": ["VAE"]}, [("LATENT", "LATENT")], "latent",
+              "A reference (FLUX.2 Klein) or init image (SD3.5), encoded by the bundle's VAE encoder.",
+              display="VAE Encode"),
+        _node("ReferenceLatent", {"conditioning": ["CONDITIONING", {}]}, [("CONDITIONING", "CONDITIONING")],
+              "advanced/conditioning/edit_models", "Adds a reference image (FLUX.2 Klein editing).",
+              optional={"latent": ["LATENT", {}]}, display="ReferenceLatent"),
+        _node("PrimitiveInt", {"value": _int(0, -MAX_SEED, MAX_SEED, control_after_generate=True)},
+              [("INT", "INT")], "utils/primitive", "", display="Int"),
+        _node("PrimitiveFloat", {"value": ["FLOAT", {"min": -1e9, "max": 1e9}]}, [("FLOAT", "FLOAT")],
+              "utils/primitive", "", display="Float"),
+        _node("PrimitiveString", {"value": ["STRING", {}]}, [("STRING", "STRING")], "utils/primitive", "",
+              display="String"),
+        _node("PrimitiveStringMultiline", {"value": ["STRING", {"multiline": True}]}, [("STRING", "STRING")],
+              "utils/primitive", "", display="String (Multiline)"),
+        _node("PrimitiveBoolean", {"value": ["BOOLEAN", {}]}, [("BOOLEAN", "BOOLEAN")], "utils/primitive", "",
+              display="Boolean"),
         _node("EdgegenGenerate", {"bundle": [bundles], "prompt": ["STRING", {"multiline": True}]},
               [], "edgegen", "edgegen generate in one node.", output_node=True, display="edgegen Generate",
               optional={"negative_prompt": ["STRING", {"multiline": True}], "seed": _int(0, 0, MAX_SEED),

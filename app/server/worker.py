@@ -176,6 +176,7 @@ class Worker(threading.Thread):
         subfolder, base = _split_prefix(task.filename_prefix)
         n = len(task.requests)
         images = []
+        scaled = self._scaled_references(task)
         for idx, fields in enumerate(task.requests):
             filename = f"{base}_{job.number:05d}_{job.id[:8]}_{offset + idx:02d}.png"
             entry = {"filename": filename, "subfolder": subfolder, "type": "output"}
@@ -185,7 +186,7 @@ class Worker(threading.Thread):
                 continue
             if cancel.is_set():
                 raise GenerationCancelled("interrupted")
-            extra = {"images": tuple(task.references)} if task.references else {}
+            extra = {"images": scaled} if scaled else {}
             req = GenerationRequest(**fields, **extra)
 
             def on_step(step: int, total: int, idx=idx) -> None:
@@ -202,6 +203,19 @@ class Worker(threading.Thread):
         self.publish("executing", {"node": task.node, "display_node": task.node, "prompt_id": job.id}, sid)
         self.publish("executed", {"node": task.node, "display_node": task.node, "output": {"images": images},
                                   "prompt_id": job.id}, sid)
+
+    def _scaled_references(self, task: Task) -> tuple[str, ...]:
+        """The task's reference / init images, scaled first where the graph scaled them (ImageScaleToTotalPixels),
+        written once per content and size beside the input folder's files."""
+        scales = task.reference_scales or (None,) * len(task.references)
+        out = []
+        for path, scale in zip(task.references, scales):
+            if scale is None:
+                out.append(path)
+                continue
+            method, w, h = scale
+            out.append(str(scale_image(Path(path), method, int(w), int(h), self.config.input_dir / ".scaled")))
+        return tuple(out)
 
     def _save(self, job: Job, loaded: Loaded, result, path: Path) -> None:
         from app.runtime.audit import AuditLog
@@ -232,6 +246,37 @@ class Worker(threading.Thread):
         log.info("loaded %s: %s (%s)", bundle_dir, loaded.backend.describe(), loaded.reason)
         self._loaded[key] = loaded
         return loaded
+
+
+def scale_image(src: Path, method: str, width: int, height: int, folder: Path) -> Path:
+    """`src` scaled to width x height as ComfyUI's common_upscale does (torch interpolation on [0, 1] pixels;
+    lanczos through PIL), saved as PNG (rounded to 8 bits) under `folder`, named by content and size."""
+    import hashlib
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from app.bundle.files import atomic_write_bytes
+    from app.runtime.references import read_image
+
+    img = read_image(src)
+    digest = hashlib.sha256(f"{img.sha256}:{method}:{width}x{height}".encode()).hexdigest()[:24]
+    out = folder / f"{Path(src).stem}_{width}x{height}_{digest}.png"
+    if out.is_file():
+        return out
+    if method == "lanczos":
+        pixels = np.asarray(img.image.resize((width, height), Image.Resampling.LANCZOS))
+    else:
+        x = torch.from_numpy(np.asarray(img.image).copy()).permute(2, 0, 1)[None].float() / 255
+        y = torch.nn.functional.interpolate(x, size=(height, width), mode=method)
+        pixels = (y[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+    return out
 
 
 def _split_prefix(prefix: str) -> tuple[str, str]:
