@@ -10,8 +10,10 @@ skips its tests (they are in the `test` extra):
 - comfyui-utils (aiohttp): POST /prompt, then /ws; on every `status` GET /queue (and /history when its prompt
   is in neither list), `executing` node ids as ints, `progress`, and the first `executed` as the result;
   /view with the image entry as the query.
+- comfy-ui-client (websocket-client + urllib/requests; not in the extra, see its section): POST /prompt, then
+  /ws; on `status` GET /queue (and GET /history to find a finished prompt by its graph), `executing` node null
+  for its prompt as the end, then /history/{id} and /view; POST /upload/image, POST /history (delete).
 
-A test marked xfail shows a difference from ComfyUI that the server still has; its reason says which.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 import uuid
 from urllib.parse import urlparse
 
@@ -33,13 +36,6 @@ pytest.importorskip("aiohttp")
 STEPS = 2
 TITLES = {"3": "KSampler", "4": "Load Checkpoint", "5": "Empty Latent Image", "6": "Positive Prompt",
           "7": "Negative Prompt", "8": "VAE Decode", "9": "Save Image"}
-# queue_remaining counts the running prompt in ComfyUI (PromptQueue.get_tasks_remaining = pending + running);
-# edgegen's worker publishes its start-of-job `status` before it records the job as running, so it says 0.
-STATUS_AT_START = ("app/server/worker.py Worker.run publishes status queue_remaining=pending+0 for the job it has "
-                   "just claimed (self._current is set later, in execute); ComfyUI counts the running prompt, so a "
-                   "client already on /ws sees 0 while its prompt runs")
-
-
 @pytest.fixture(scope="module")
 def server(demo_bundle, tmp_path_factory):
     with start_server(tmp_path_factory.mktemp("comfy-clients"), demo_bundle) as s:
@@ -53,7 +49,7 @@ def size(demo_bundle) -> int:
 
 
 def api_graph(size: int, seed: int = 7, steps: int = STEPS, prefix: str = "clients") -> dict:
-    """docs/api/text_to_image.json as ComfyUI's "Save (API format)" writes it: every node with its _meta title."""
+    """docs/api/text_to_image.json as ComfyUI's "Save (API format)" writes it, each node with a _meta title."""
     g = t2i_graph(seed=seed, steps=steps, width=size, height=size, prefix=prefix)
     for node, title in TITLES.items():
         g[node]["_meta"] = {"title": title}
@@ -116,6 +112,9 @@ def drain(server) -> None:
 
 
 # ----- comfy-api-simplified --------------------------------------------------------------------------------
+# Its wait (queue_prompt_and_wait) returns at the first `status` whose queue_remaining is 0, so it needs the
+# running prompt counted, as ComfyUI counts it (PromptQueue.get_tasks_remaining = pending + running). The
+# end-to-end tests queue behind another client's job, so that the start-of-job `status` is always seen.
 
 @pytest.fixture
 def simplified(server):
@@ -124,58 +123,62 @@ def simplified(server):
     drain(server)
 
 
-def test_comfy_api_simplified_text_to_image(simplified, size):
+def test_comfy_api_simplified_endpoints(simplified, size, server, tmp_path):
+    """Every call but its WebSocket wait: stats, node info, embeddings, upload and view, queue position,
+    interrupt, history and the image by its history entry."""
     lib, api = simplified
     assert "system" in api.get_system_stats()
     assert "KSampler" in api.get_object_info("KSampler")
     assert api.get_embeddings() == []
+    ref = tmp_path / "reference.png"
+    Image.new("RGB", (size, size), (200, 30, 30)).save(ref)
+    up = api.upload_image(ref)  # the library's default subfolder, "default_upload_folder"
+    assert up == {"name": "reference.png", "subfolder": "default_upload_folder", "type": "input"}
+    assert api.get_image(up["name"], up["subfolder"], up["type"]) == ref.read_bytes()
+
+    first = blocker(server, size)
+    wf = lib.ComfyWorkflowWrapper(with_reference(api_graph(size, seed=9), f"{up['subfolder']}/{up['name']}"))
+    mine = api.queue_prompt(wf)["prompt_id"]
+    assert api.get_queue_size_before(mine) in (1, 2)  # 1 once the other job is running, 2 while it waits
+    assert api.get_queue_size_before(first) in (0, 1)
+    wait_history(server.url, first)
+    wait_history(server.url, mine)
+    entry = api.get_history(mine)[mine]["outputs"][wf.get_node_id("Save Image")]["images"][0]
+    assert_png(api.get_image(entry["filename"], entry["subfolder"], entry["type"]), size)
+    with pytest.raises(ValueError):
+        api.get_queue_size_before(mine)  # finished: in neither list
+
+    other = blocker(server, size)
+    deadline = time.monotonic() + 60
+    while api.get_queue_size_before(other) != 0:  # 0: running
+        assert time.monotonic() < deadline, "the other job never started"
+        time.sleep(0.01)
+    api.interrupt()  # stops the running job
+    assert wait_history(server.url, other)["status"]["status_str"] == "error"
+
+
+def test_comfy_api_simplified_text_to_image(simplified, size, server):
+    lib, api = simplified
     wf = lib.ComfyWorkflowWrapper(api_graph(size))
     wf.set_node_param("Positive Prompt", "text", "a green square")
     wf.set_node_param("KSampler", "seed", 11)
-    assert wf.get_node_id("Save Image") == "9"
+    first = blocker(server, size)
     images = bounded(api.queue_and_wait_images, wf, "Save Image")
+    assert wait_history(server.url, first)["status"]["completed"]
     assert len(images) == 1
     (name, data), = images.items()
     assert name.startswith("clients_") and name.endswith(".png")
     assert_png(data, size)
 
 
-def test_comfy_api_simplified_upload_and_reference_edit(simplified, size, tmp_path):
+def test_comfy_api_simplified_upload_and_reference_edit(simplified, size, server, tmp_path):
     lib, api = simplified
-    ref = tmp_path / "reference.png"
-    Image.new("RGB", (size, size), (200, 30, 30)).save(ref)
-    up = api.upload_image(ref)  # the library's default subfolder, "default_upload_folder"
-    assert up == {"name": "reference.png", "subfolder": "default_upload_folder", "type": "input"}
-    assert api.get_image(up["name"], up["subfolder"], up["type"]) == ref.read_bytes()
+    ref = tmp_path / "edit.png"
+    Image.new("RGB", (size, size), (30, 30, 200)).save(ref)
+    up = api.upload_image(ref, subfolder="edits")
     wf = lib.ComfyWorkflowWrapper(with_reference(api_graph(size, seed=3), f"{up['subfolder']}/{up['name']}"))
+    first = blocker(server, size)
     images = bounded(api.queue_and_wait_images, wf, "Save Image")
-    assert len(images) == 1
-    assert_png(next(iter(images.values())), size)
-
-
-def test_comfy_api_simplified_queue_position_history_and_interrupt(simplified, size, server):
-    lib, api = simplified
-    first = blocker(server, size)
-    mine = api.queue_prompt(api_graph(size, seed=9))["prompt_id"]
-    assert api.get_queue_size_before(mine) in (1, 2)  # 1 once the other job is running, 2 while it waits
-    assert api.get_queue_size_before(first) in (0, 1)
-    api.interrupt()  # stops the job that is running (the other client's, or already ours)
-    wait_history(server.url, mine)
-    outputs = api.get_history(mine)[mine]["outputs"]
-    if outputs:  # the interrupt may have caught our prompt rather than the other one
-        entry = outputs["9"]["images"][0]
-        assert_png(api.get_image(entry["filename"], entry["subfolder"], entry["type"]), size)
-    with pytest.raises(ValueError):
-        api.get_queue_size_before(mine)  # finished: in neither list
-
-
-@pytest.mark.xfail(reason=f"comfy_api_simplified/comfy_api_wrapper.py:120 returns on the first `status` with "
-                          f"queue_remaining 0, then reads history[prompt_id] (line 156): KeyError. {STATUS_AT_START}",
-                   raises=KeyError, strict=True)
-def test_comfy_api_simplified_waits_behind_another_job(simplified, size, server):
-    lib, api = simplified
-    first = blocker(server, size)
-    images = bounded(api.queue_and_wait_images, lib.ComfyWorkflowWrapper(api_graph(size, seed=5)), "Save Image")
     assert wait_history(server.url, first)["status"]["completed"]
     assert len(images) == 1
     assert_png(next(iter(images.values())), size)
@@ -186,7 +189,7 @@ def test_comfy_api_simplified_waits_behind_another_job(simplified, size, server)
 @pytest.fixture
 def comfyui_utils(server):
     comfy = pytest.importorskip("comfyui_utils.comfy")
-    yield comfy, comfy.ComfyAPI(urlparse(server.url).netloc)  # it takes "host:port" and adds http:// and ws://
+    yield comfy, comfy.ComfyAPI(urlparse(server.url).netloc)  # "host:port"; it adds http:// and ws://
     drain(server)
 
 
@@ -272,7 +275,8 @@ def test_comfy_ui_client_upload_and_outputs(comfy_ui_client, size, tmp_path):
         "name": "ref.png", "subfolder": "cuc", "type": "input"}
     assert_png(only_png(bounded(c.get_outputs, api_graph(size, seed=31))), size)
     c = Client(address)  # get_outputs closes its socket
-    assert_png(only_png(bounded(c.get_outputs, with_reference(api_graph(size, seed=32), "cuc/ref.png"))), size)
+    edit = with_reference(api_graph(size, seed=32), "cuc/ref.png")
+    assert_png(only_png(bounded(c.get_outputs, edit)), size)
 
 
 def test_comfy_ui_client_behind_another_job_and_history(comfy_ui_client, size, server):

@@ -124,7 +124,9 @@ async def post_prompt(request: web.Request) -> web.Response:
     client_id = body.get("client_id")
     if client_id is not None and not isinstance(client_id, str):
         return fail(400, "invalid_prompt", "client_id must be a string")
-    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+    extra = dict(body.get("extra_data")) if isinstance(body.get("extra_data"), dict) else {}
+    if client_id is not None:
+        extra["client_id"] = client_id  # ComfyUI keeps it in the queue/history item's extra_data
     job_id = body.get("prompt_id")
     if job_id is not None:
         try:
@@ -153,8 +155,14 @@ def _history_entry(queue: JobQueue, job) -> dict:
         "outputs": outputs,
         "status": {"status_str": "success" if job.status == SUCCESS else "error",
                    "completed": job.status == SUCCESS, "messages": job.messages},
-        "meta": {node: {"node_id": node, "display_node": node} for node in outputs},
+        "meta": {node: {"node_id": node, "display_node": node, "parent_node": _parent(node), "real_node_id": node}
+                 for node in outputs},
     }
+
+
+def _parent(node: str) -> str | None:
+    """A subgraph's inner node "75:9" has parent "75" (ComfyUI's meta.parent_node); a top-level node none."""
+    return node.rpartition(":")[0] or None
 
 
 async def get_history(request: web.Request) -> web.Response:
@@ -234,10 +242,14 @@ async def get_view(request: web.Request) -> web.Response:
     cfg, *_ = _ctx(request)
     q = request.query
     filename, subfolder, type_ = q.get("filename", ""), q.get("subfolder", ""), q.get("type", "output") or "output"
-    if not filename:
-        return fail(400, "invalid_query", "filename is required", "GET /view?filename=NAME&subfolder=&type=output")
+    if not filename:  # ComfyUI: 404
+        return fail(404, "invalid_query", "filename is required", "GET /view?filename=NAME&subfolder=&type=output")
     if type_ not in IMAGE_TYPES:
         return fail(400, "invalid_query", f"type {type_!r} is not one of {', '.join(IMAGE_TYPES)}")
+    try:
+        confined(_folder(cfg, type_), subfolder)
+    except PathRefused as e:  # a subfolder outside the folder: ComfyUI answers 403
+        raise PathRefused(str(e), status=403) from None
     if "/" in filename:
         raise PathRefused(f"{filename!r} is not a plain file name; put folders in subfolder")
     if filename.startswith(".") or filename.rpartition(".")[2].lower() not in VIEWABLE:
@@ -247,6 +259,18 @@ async def get_view(request: web.Request) -> web.Response:
     if not path.is_file():
         return fail(404, "not_found", f"No {type_} file {filename!r} in subfolder {subfolder!r}",
                     "use the filename and subfolder that /history reported")
+    preview = q.get("preview", "")
+    if preview:  # ComfyUI's "webp;90" / "jpeg;90": a smaller copy for a thumbnail, same name
+        fmt, _, quality = preview.partition(";")
+        if fmt not in ("webp", "jpeg") or (quality and not quality.isdigit()):
+            return fail(400, "invalid_query", f"preview {preview!r} is not webp;QUALITY or jpeg;QUALITY")
+        from PIL import Image
+
+        buf = io.BytesIO()
+        with Image.open(path) as im:
+            im.convert("RGB").save(buf, format=fmt.upper(), quality=min(100, int(quality or 90)))
+        return web.Response(body=buf.getvalue(), content_type=f"image/{fmt}",
+                            headers={"Content-Disposition": f'filename="{path.name}"'})
     return web.FileResponse(path, headers={"Content-Disposition": f'filename="{path.name}"'})
 
 
@@ -299,15 +323,32 @@ async def post_upload_image(request: web.Request) -> web.Response:
 async def get_system_stats(request: web.Request) -> web.Response:
     from app.planning.devices import read_gpus
 
-    devices = [{"name": g.name, "type": "cuda", "index": g.index, "vram_total": g.total_bytes,
+    ram_total, ram_free = _ram("SC_PHYS_PAGES"), _ram("SC_AVPHYS_PAGES")
+    devices = [{"name": f"cuda:{g.index} {g.name}", "type": "cuda", "index": g.index, "vram_total": g.total_bytes,
                 "vram_free": g.free_bytes, "torch_vram_total": g.total_bytes, "torch_vram_free": g.free_bytes,
                 "uuid": g.uuid, "compute_capability": g.sm} for g in read_gpus()]
+    if not devices:  # as ComfyUI lists a CPU-only machine: the CPU, with RAM as its memory
+        devices = [{"name": "cpu", "type": "cpu", "index": None, "vram_total": ram_total, "vram_free": ram_free,
+                    "torch_vram_total": ram_total, "torch_vram_free": ram_free}]
+    torch = sys.modules.get("torch")
     return web.json_response({
         "system": {"os": os.name, "platform": platform.platform(), "python_version": sys.version,
                    "embedded_python": False, "edgegen_version": __version__, "comfyui_version": None,
-                   "ram_total": _ram("SC_PHYS_PAGES"), "ram_free": _ram("SC_AVPHYS_PAGES"), "argv": ["edgegen", "serve"]},
+                   "required_frontend_version": None, "installed_templates_version": None,
+                   "required_templates_version": None,
+                   "pytorch_version": getattr(torch, "__version__", None) if torch else _dist_version("torch"),
+                   "ram_total": ram_total, "ram_free": ram_free, "argv": ["edgegen", "serve"]},
         "devices": devices,
     })
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def _ram(name: str) -> int | None:

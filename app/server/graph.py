@@ -104,9 +104,20 @@ class _Errors:
             "class_type": (graph.get(node) or {}).get("class_type") if isinstance(graph.get(node), dict) else None,
         })
         extra = {"input_name": input_name} if input_name else {}
+        if input_name and type_ == "invalid_input_type":  # ComfyUI's extra_info for a value of the wrong type
+            spec = graph.get(node) if isinstance(graph.get(node), dict) else {}
+            extra.update(received_value=(spec.get("inputs") or {}).get(input_name), exception_message=details,
+                         input_config=_input_config(spec.get("class_type"), input_name))
         entry["errors"].append({"type": type_, "message": message, "details": details, "extra_info": extra})
         if output is not None and output not in entry["dependent_outputs"]:
             entry["dependent_outputs"].append(output)
+
+
+def _input_config(kind, name):
+    from app.server.nodes import object_info
+
+    spec = object_info([], []).get(kind) or {}
+    return next((sec[name] for sec in spec.get("input", {}).values() if name in sec), None)
 
 
 class _Bad(Exception):
@@ -121,9 +132,15 @@ class _Bad(Exception):
 
 def parse_prompt(graph: object, bundles: BundleIndex, input_dir: Path, aliases: dict | None = None) -> Plan:
     """Validate `graph` (the "prompt" member of POST /prompt) and plan its tasks; GraphError when invalid."""
-    if not isinstance(graph, dict) or not graph:
+    if graph is None:
+        raise GraphError("no_prompt", "No prompt provided",
+                         'expected {"prompt": {node_id: {"class_type": ..., "inputs": {...}}}}')
+    if not isinstance(graph, dict):
         raise GraphError("invalid_prompt", "Invalid prompt",
                          'expected {"prompt": {node_id: {"class_type": ..., "inputs": {...}}}}')
+    if not graph:
+        raise GraphError("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage node (or use the "
+                         "EdgegenGenerate node)")
     errors = _Errors()
     for node, spec in graph.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("class_type"), str):
@@ -135,6 +152,12 @@ def parse_prompt(graph: object, bundles: BundleIndex, input_dir: Path, aliases: 
         elif not isinstance(spec.get("inputs", {}), dict):
             errors.add(graph, node, "invalid_node", "Node inputs must be an object", f"node {node}")
     if errors.by_node:
+        unsupported = [(n, e["class_type"]) for n, e in errors.by_node.items()
+                       if any(x["type"] == "unsupported_node" for x in e["errors"])]
+        if unsupported:  # ComfyUI's answer for a node type it lacks: invalid_prompt naming the first one
+            node, kind = unsupported[0]
+            raise GraphError("invalid_prompt", f"Cannot execute because node {kind} is not supported by edgegen.",
+                             f"Node ID '#{node}'; " + unsupported_hint(kind), node_errors=errors.by_node)
         raise GraphError("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                          node_errors=errors.by_node)
     outputs = [n for n, s in graph.items() if s["class_type"] in OUTPUT_TYPES]

@@ -89,7 +89,7 @@ class Worker(threading.Thread):
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            self._status()
+            self._status(claimed=1)  # ComfyUI counts the job it is starting (comfy-api-simplified stops at 0)
             try:
                 self.execute(job)
             except Exception:  # never let one job take the worker down
@@ -97,8 +97,8 @@ class Worker(threading.Thread):
             self.jobs_run += 1
             self._status()
 
-    def _status(self) -> None:
-        pending = self.queue.count("pending") + (1 if self.running() else 0)
+    def _status(self, claimed: int = 0) -> None:
+        pending = self.queue.count("pending") + (1 if claimed or self.running() else 0)
         self.publish("status", {"status": {"exec_info": {"queue_remaining": pending}}}, None)
 
     def execute(self, job: Job) -> None:
