@@ -263,6 +263,8 @@ CASES = [
          "largest seed"),
     Case("generate-out-not-writable", lambda c: c.generate("--out", "/proc/edgegen-test.png"), 2,
          "cannot write into /proc"),
+    Case("serve-previews-with-cluster", lambda c: ["serve", "--port", "0", "--cluster", "local",
+                                                   "--preview-method", "auto"], 2, "cluster replicas send no previews"),
     Case("generate-backend-unknown", lambda c: c.generate("--backend", "cuda9"), 2, "cuda9"),
     Case("generate-unsigned-but-required", _then(lambda c: _env(c, EDGEGEN_REQUIRE_SIGNED="1"),
                                                  lambda c: c.generate()), 2, "not signed"),

@@ -9,6 +9,9 @@ from app.argtypes import whole
 from app.errors import UsageError
 
 
+PREVIEW_METHODS = ("none", "auto", "latent2rgb")  # ComfyUI's --preview-method names that edgegen serves
+
+
 def add_parsers(sub) -> None:
     """Add `serve` and `batch` to the CLI's subparsers (argparse's `add_subparsers()` result)."""
     s = sub.add_parser("serve", help="local HTTP API in ComfyUI's shapes (/prompt, /history, /view, /ws)")
@@ -22,6 +25,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--alias", action="append", default=[], type=_alias, metavar="NAME=BUNDLE",
                    help="let loaders name BUNDLE as NAME, e.g. flux-2-klein-4b.safetensors=klein4b, so ComfyUI's "
                         "templates run unchanged (repeatable)")
+    s.add_argument("--preview-method", choices=PREVIEW_METHODS, default="none",
+                   help="step previews over /ws as ComfyUI's binary preview frames: none (ComfyUI's default) or "
+                        "latent2rgb (auto: the same)")
     s.add_argument("--cluster", metavar="ADDRESS", help="spread jobs over a Ray cluster's GPUs: the head's IP:PORT, "
                                                          "or 'local' for this machine's GPUs (docs/CLUSTER.md)")
     s.add_argument("--cluster-token-file", type=Path, metavar="FILE",
@@ -82,7 +88,11 @@ def cmd_serve(args, cluster=None) -> int:
     token = read_token_file(args.token_file) if args.token_file else None
     config = ServerConfig(host=args.host, port=args.port, token=token, bundles=tuple(args.bundle),
                           output_dir=args.output, redact_prompts=args.redact_prompts,
-                          cors_origins=tuple(args.cors_origin), aliases=tuple(args.alias))
+                          cors_origins=tuple(args.cors_origin), aliases=tuple(args.alias),
+                          preview_method="none" if args.preview_method == "none" else "latent2rgb")
+    if args.cluster and config.preview_method != "none":
+        raise UsageError("--preview-method applies to a server that generates itself; cluster replicas send no "
+                         "previews yet: drop --preview-method or --cluster")
     if args.cluster:
         if cluster is None:
             raise UsageError("--cluster is not available in this edgegen; run one edgegen serve per GPU")

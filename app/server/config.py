@@ -55,6 +55,9 @@ class ServerConfig:
     # model file names mapped onto bundles ((name, bundle name), ...): ComfyUI templates' loaders name files such
     # as "flux-2-klein-4b.safetensors" / "qwen_3_4b.safetensors"; `serve --alias NAME=BUNDLE` lets them run as-is
     aliases: tuple[tuple[str, str], ...] = ()
+    # step previews over /ws as ComfyUI's binary frames: "none" (ComfyUI's default; text-only clients such as
+    # comfyui-utils break on binary frames) or "latent2rgb" (app/runtime/previews.py); "auto" means latent2rgb
+    preview_method: str = "none"
     extra: dict = field(default_factory=dict, compare=False)
 
     def alias_map(self) -> dict[str, str]:

@@ -6,6 +6,7 @@ dropped beyond `max_loaded_bundles`). Progress goes out through `publish`, which
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -19,7 +20,8 @@ from app.server.graph import Plan, Task
 from app.server.queue import ERROR, INTERRUPTED, SUCCESS, Job, JobQueue
 
 log = logging.getLogger("edgegen.server")
-Publish = Callable[[str, dict, "str | None"], None]
+Publish = Callable[[str, "dict | bytes", "str | None"], None]
+MAX_PREVIEW = 512  # px a side of a preview frame (ComfyUI's --preview-size default)
 
 
 def _ms() -> int:
@@ -193,7 +195,8 @@ class Worker(threading.Thread):
                 self.publish("progress", {"value": idx * total + step, "max": n * total, "prompt_id": job.id,
                                           "node": task.sampler_node}, sid)
 
-            result = loaded.pipeline.generate(req, on_step=on_step, cancel=cancel)
+            previews = {"on_preview": self._previewer(sid)} if self.config.preview_method != "none" else {}
+            result = loaded.pipeline.generate(req, on_step=on_step, cancel=cancel, **previews)
             self._save(job, loaded, result, path)
             self.queue.record_image(job.id, task.node, idx, filename, subfolder, "output")
             for w in result.warnings:
@@ -203,6 +206,22 @@ class Worker(threading.Thread):
         self.publish("executing", {"node": task.node, "display_node": task.node, "prompt_id": job.id}, sid)
         self.publish("executed", {"node": task.node, "display_node": task.node, "output": {"images": images},
                                   "prompt_id": job.id}, sid)
+
+    def _previewer(self, sid: str | None):
+        """on_preview for the pipeline: each step's picture as ComfyUI's binary preview frame (JPEG, at most
+        MAX_PREVIEW px a side as ComfyUI's default), to the job's client (or every client, as ComfyUI sends)."""
+        from PIL import Image
+
+        from app.server.events import preview_frame
+
+        def on_preview(step: int, total: int, rgb) -> None:
+            im = Image.fromarray(rgb)
+            im.thumbnail((MAX_PREVIEW, MAX_PREVIEW))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=95)
+            self.publish("preview", preview_frame(buf.getvalue()), sid)
+
+        return on_preview
 
     def _scaled_references(self, task: Task) -> tuple[str, ...]:
         """The task's reference / init images, scaled first where the graph scaled them (ImageScaleToTotalPixels),

@@ -54,6 +54,7 @@ class JobQueue(QObject):
     changed = Signal()
     started = Signal(object)  # Job
     progress = Signal(object, int, int, float)  # Job, step, total, eta seconds (-1: not known yet)
+    preview = Signal(object, int, int, QImage)  # Job, step, total, step preview
     finished = Signal(object, QImage, object)  # Job, image, JobResult
     failed = Signal(object, str)  # Job, message with the fix
     cancelled = Signal(object)  # Job
@@ -80,6 +81,7 @@ class JobQueue(QObject):
         self._prepare.connect(self.worker.prepare)
         self.worker.status.connect(self._on_status)
         self.worker.progress.connect(self._on_progress)
+        self.worker.preview.connect(self._on_preview)
         self.worker.finished.connect(self._on_finished)
         self.worker.failed.connect(self._on_failed)
         self.worker.cancelled.connect(self._on_cancelled)
@@ -152,6 +154,11 @@ class JobQueue(QObject):
             job.state, job.step, job.total = "running", step, total
             self.changed.emit()
             self.progress.emit(job, step, total, eta)
+
+    @Slot(int, int, int, QImage)
+    def _on_preview(self, job_id: int, step: int, total: int, image: QImage) -> None:
+        if (job := self._mine(job_id)) and not job.cancel.is_set():
+            self.preview.emit(job, step, total, image)
 
     @Slot(int, QImage, object)
     def _on_finished(self, job_id: int, image: QImage, result: JobResult) -> None:

@@ -35,9 +35,10 @@ class ImageView(QScrollArea):
         self.image = QImage()
         self.fit = True
         self.zoom = 1.0
+        self.smooth = False
 
-    def set_image(self, image: QImage) -> None:
-        self.image = image
+    def set_image(self, image: QImage, smooth: bool = False) -> None:
+        self.image, self.smooth = image, smooth
         self._render()
 
     def set_placeholder(self, text: str) -> None:
@@ -78,7 +79,8 @@ class ImageView(QScrollArea):
         pm = QPixmap.fromImage(self.image)
         dpr = self.devicePixelRatioF()
         # Scale in device pixels so the image stays sharp on high-DPI screens; pixelated when enlarged.
-        mode = Qt.TransformationMode.SmoothTransformation if z < 1 else Qt.TransformationMode.FastTransformation
+        smooth = z < 1 or self.smooth  # a preview is enlarged smoothly: its pixels are not the image's
+        mode = Qt.TransformationMode.SmoothTransformation if smooth else Qt.TransformationMode.FastTransformation
         size = self.image.size() * (z * dpr)
         scaled = pm.scaled(size, Qt.AspectRatioMode.KeepAspectRatio, mode)
         scaled.setDevicePixelRatio(dpr)
@@ -158,6 +160,14 @@ class ResultView(QWidget):
             + (f"\n{path}" if path else "")
         )
         self._enable(not image.isNull())
+
+    def show_preview(self, image: QImage, caption: str) -> None:
+        """A step preview (a small picture, scaled smoothly to fit): not a result, so nothing to copy or open."""
+        self.path, self.meta = None, {}
+        self.view.fit = True
+        self.view.set_image(image, smooth=True)
+        self.caption.setText(caption)
+        self._enable(False)
 
     def clear(self, text: str = PLACEHOLDER) -> None:
         self.path, self.meta = None, {}

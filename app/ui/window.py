@@ -161,6 +161,7 @@ class MainWindow(QMainWindow):
         self.form.choose_output.clicked.connect(self.choose_output_folder)
         self.queue.changed.connect(self._queue_changed)
         self.queue.progress.connect(self._progress)
+        self.queue.preview.connect(self._preview)
         self.queue.finished.connect(self._finished)
         self.queue.failed.connect(self._failed)
         self.queue.cancelled.connect(self._cancelled)
@@ -311,6 +312,10 @@ class MainWindow(QMainWindow):
         more = f" · {waiting} waiting" if waiting else ""
         left = "estimating time left" if eta < 0 else f"about {eta:.0f} s left"
         self.result.show_progress(f"#{job.id}: step {step}/{total} · {left}{more}", step, total)
+
+    @Slot(object, int, int, QImage)
+    def _preview(self, job: Job, step: int, total: int, image: QImage) -> None:
+        self.result.show_preview(image, f"Preview of #{job.id}, step {step}/{total}: the final image replaces it")
 
     @Slot(object, QImage, object)
     def _finished(self, job: Job, image: QImage, result: JobResult) -> None:

@@ -61,6 +61,7 @@ class GenerationWorker(QObject):
 
     status = Signal(int, str)  # job id, "loading" | "running"
     progress = Signal(int, int, int, float)  # job id, step, total, eta seconds (-1: not known yet)
+    preview = Signal(int, int, int, QImage)  # job id, step, total, the denoised estimate (app/runtime/previews.py)
     finished = Signal(int, QImage, object)  # job id, image, JobResult
     failed = Signal(int, str)  # job id, message with the fix
     cancelled = Signal(int)
@@ -156,7 +157,8 @@ class GenerationWorker(QObject):
             if fresh:
                 self.model_ready.emit(*loaded.summary())
             self.status.emit(job.id, "running")
-            result = loaded.pipeline.generate(job.request, on_step=self._stepper(job), cancel=job.cancel)
+            result = loaded.pipeline.generate(job.request, on_step=self._stepper(job), cancel=job.cancel,
+                                              on_preview=self._previewer(job))
             self.finished.emit(job.id, to_qimage(result.image), self._save(job, loaded, result))
         except GenerationCancelled:
             self.cancelled.emit(job.id)
@@ -179,6 +181,12 @@ class GenerationWorker(QObject):
             self.progress.emit(job.id, step, total, eta)
 
         return on_step
+
+    def _previewer(self, job):
+        def on_preview(step: int, total: int, rgb) -> None:
+            self.preview.emit(job.id, step, total, to_qimage(rgb))
+
+        return on_preview
 
     def _save(self, job, loaded: Loaded, result):
         from app.runtime.generate import image_metadata, lora_metadata

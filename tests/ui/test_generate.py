@@ -53,6 +53,25 @@ def test_type_prompt_and_ctrl_enter_saves_image_and_gallery_entry(window, qtbot,
     assert window.form.seed.text() == "7" and not window.form.random_seed.isChecked()
 
 
+def test_step_previews_show_in_the_result_pane_until_the_image_replaces_them(window, qtbot, ui_bundle):
+    import json
+
+    cell = json.loads((ui_bundle / "manifest.json").read_text())["pipeline"]["vae_scale_factor"]
+    _small(window, steps=3)
+    shown = []
+    window.queue.preview.connect(lambda job, step, total, image: shown.append(
+        (step, total, image.size().toTuple(), window.result.view.image.size().toTuple(), window.result.copy.isEnabled(),
+         window.result.caption.text())))
+    window.form.prompt.setPlainText("a green square")
+    with qtbot.waitSignal(window.image_saved, timeout=IMAGE_MS):
+        window.generate()
+    assert [s[:2] for s in shown] == [(1, 3), (2, 3), (3, 3)]
+    for _, _, size, on_screen, copy_enabled, caption in shown:
+        assert size == (32 // cell, 32 // cell) and on_screen == size  # one pixel per VAE cell, in the pane
+        assert not copy_enabled and "Preview" in caption  # a preview is not a result
+    assert window.result.view.image.size().toTuple() == (32, 32) and window.result.copy.isEnabled()
+
+
 def test_batch_queues_and_runs_one_at_a_time(window, qtbot):
     _small(window)
     window.form.prompt.setPlainText("green triangle at the top of a white background")
@@ -113,7 +132,7 @@ def test_restart_finds_history_and_reuses_parameters(window, qtbot, app_root, ui
     qtbot.addWidget(again)
     # The last model comes back from the settings; the history from the database.
     assert again.picker.current().path.resolve() == ui_bundle.resolve()
-    assert len(again.gallery.entries_shown()) == shown == 4
+    assert len(again.gallery.entries_shown()) == shown == 5
     again.gallery.search.setText("red circle")
     qtbot.waitUntil(lambda: len(again.gallery.entries_shown()) == 1, timeout=2000)
     again.gallery.select(again.gallery.entries_shown()[0])
@@ -126,7 +145,7 @@ def test_restart_finds_history_and_reuses_parameters(window, qtbot, app_root, ui
     assert again.gallery.delete_selected(confirm=False)
     assert not entry.path.exists() and again.history.get(entry.id) is None
     again.gallery.search.setText("")
-    qtbot.waitUntil(lambda: len(again.gallery.entries_shown()) == 3, timeout=2000)
+    qtbot.waitUntil(lambda: len(again.gallery.entries_shown()) == 4, timeout=2000)
     t0 = time.monotonic()
     again.close()
     assert time.monotonic() - t0 < 5  # closing waits for the threads, which are idle

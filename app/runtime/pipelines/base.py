@@ -23,6 +23,8 @@ from app.runtime.backend import Backend
 
 # (step index starting at 1, total steps) -> None; called after every denoising step.
 StepCallback = Callable[[int, int], None]
+# (step index starting at 1, total steps, HxWx3 uint8 picture of the denoised estimate) -> None
+PreviewCallback = Callable[[int, int, np.ndarray], None]
 
 
 class Cancel(threading.Event):
@@ -94,6 +96,7 @@ class Pipeline:
         # The last prompt's embeddings (and its warnings), reused while prompt, negative prompt and guidance stay
         # the same: --count N and repeated draws in the app encode once. Nothing downstream mutates them.
         self._last_cond: tuple[tuple, object, list[str]] | None = None
+        self._previews = None  # the step-preview map, fitted on the first request that asks for previews
 
     # ----- host side ---------------------------------------------------------------------------------------
     def resolve(self, req: GenerationRequest, size: tuple[int, int] | None = None) -> GenerationRequest:
@@ -194,10 +197,11 @@ class Pipeline:
         return t.to(self.device)
 
     def execute(self, job: Job, on_step: StepCallback | None = None, cancel: Cancel | None = None,
-                timings: dict | None = None, cond=None) -> torch.Tensor:
+                timings: dict | None = None, cond=None, on_preview: PreviewCallback | None = None) -> torch.Tensor:
         """The device part: encode, denoise, decode. Returns the decoded image (NCHW, [-1, 1]) on the device.
         `cond`: the prompt's embeddings, encoded earlier (FP8 calibration encodes every prompt first, then
-        releases the text encoders)."""
+        releases the text encoders). `on_preview`: a small picture of the denoised estimate after every step
+        (app/runtime/previews.py)."""
         timings = {} if timings is None else timings
         req = job.req
         t0 = time.perf_counter()
@@ -209,6 +213,7 @@ class Pipeline:
             state = self.encode_images(job, state)
             if self.low_vram:
                 self.release(("vae_encoder",))
+        previews = self.previews() if on_preview is not None else None  # fitted once, before the loop
         timings["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         latents = self.initial_latents(job, state)
@@ -219,9 +224,13 @@ class Pipeline:
             pred = self.predict(latents, t, req, cond, state)
             # FlowMatchEulerDiscreteScheduler.step, in float32 as diffusers computes dt.
             dt = float(np.float32(job.sigmas[i + 1]) - np.float32(job.sigmas[i]))
+            if previews is not None:  # flow matching's denoised estimate at this step, x0 = x_t - sigma_t * v
+                x0 = latents - float(np.float32(job.sigmas[i])) * pred
             latents = latents + dt * pred
             if on_step is not None:
                 on_step(i + 1, n)
+            if previews is not None:
+                on_preview(i + 1, n, previews.rgb(self.latent_grid(x0, state)))
         timings["denoise"] = time.perf_counter() - t1
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("generation cancelled")
@@ -233,6 +242,16 @@ class Pipeline:
             self.release(("vae_decoder",))
         timings["decode"] = time.perf_counter() - t2
         return image
+
+    def previews(self):
+        """This bundle's latent -> RGB preview map (app/runtime/previews.py), fitted from its decoder on first use."""
+        if self._previews is None:
+            from app.runtime.previews import LatentPreview
+
+            self._previews = LatentPreview.fit(self)
+            if self.low_vram:
+                self.release(("vae_decoder",))
+        return self._previews
 
     def lora_on_device(self, job: Job) -> dict:
         """The job's LoRA inputs on the device, moved once per LoRA choice (the transformer's extra feeds)."""
@@ -250,12 +269,12 @@ class Pipeline:
                     release(c)
 
     def generate(self, req: GenerationRequest, on_step: StepCallback | None = None,
-                 cancel: Cancel | None = None) -> GenerationResult:
+                 cancel: Cancel | None = None, on_preview: PreviewCallback | None = None) -> GenerationResult:
         t0 = time.perf_counter()
         job = self.prepare(req)
         timings: dict[str, float] = {}
         try:
-            image = to_uint8(self.execute(job, on_step, cancel, timings))  # the one host copy
+            image = to_uint8(self.execute(job, on_step, cancel, timings, on_preview=on_preview))  # the one host copy
         except (GenerationCancelled, EdgegenError):
             raise
         except (RuntimeError, MemoryError, OSError) as e:  # torch/ORT/TensorRT failures on the device
@@ -332,6 +351,12 @@ class Pipeline:
     def predict(self, latents, t: float, req: GenerationRequest, cond, state) -> torch.Tensor:
         raise NotImplementedError
     def decode(self, latents, req: GenerationRequest, state) -> torch.Tensor: raise NotImplementedError
+    def encode_pixels(self, image: torch.Tensor, noise: torch.Tensor, state: dict) -> torch.Tensor:
+        """An NCHW [-1, 1] image on the device through the VAE encoder, in the sampler's latent layout (previews)."""
+        raise NotImplementedError
+    def latent_grid(self, latents, state) -> torch.Tensor:
+        """The sampler's latents as a (C, h, w) grid, one position per decoder input cell (previews)."""
+        raise NotImplementedError
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

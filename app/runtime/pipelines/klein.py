@@ -149,3 +149,10 @@ class KleinPipeline(Pipeline):
         h, w = state["h"], state["w"]
         grid = latents.reshape(latents.shape[0], h, w, -1).permute(0, 3, 1, 2)
         return self.backend.run("vae_decoder", {"latents": grid})["image"].float()
+
+    def latent_grid(self, latents, state):
+        return latents[0].reshape(state["h"], state["w"], -1).permute(2, 0, 1)
+
+    def encode_pixels(self, image, noise, state):
+        lat = self.run_vae_encoder({"image": image})  # (1, C, h, w), normalised, as references are encoded
+        return lat.reshape(1, lat.shape[1], -1).permute(0, 2, 1)
