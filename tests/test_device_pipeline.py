@@ -98,6 +98,28 @@ def test_pipeline_stays_on_the_device_end_to_end(bundles, family, cfg, w, h):
     assert ctx["transformer"].memory_sizes and max(ctx["transformer"].memory_sizes) < 1024 * 10**7
 
 
+@pytest.mark.parametrize("family,cfg,w,h", CASES[1:3])
+def test_step_previews_are_fitted_and_drawn_on_the_device(bundles, family, cfg, w, h, monkeypatch):
+    """The preview map is fitted from the VAE on the device and each step's picture is made there; only the
+    final bytes cross to the host (skipped here: a fake tensor has no bytes to copy)."""
+    from app.runtime.previews import LatentPreview
+
+    monkeypatch.setattr(LatentPreview, "rgb", LatentPreview.picture)
+    bundle = _bundle(bundles[family], distilled=(not cfg) if family == "klein" else None)
+    pipe = make_pipeline(bundle, StandInEngineBackend(bundle))
+    req = _request(family, cfg, w, h)
+    job = pipe.prepare(req)
+    got = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        pipe.execute(job, on_preview=lambda step, total, picture: got.append(picture))
+    cell = bundle.manifest["pipeline"]["vae_scale_factor"]
+    assert len(got) == len(job.timesteps)
+    for picture in got:
+        assert isinstance(picture, FakeTensor) and picture.device == FAKE_CUDA and picture.dtype == torch.uint8
+        assert tuple(picture.shape) == (h // cell, w // cell, 3)
+    assert pipe.previews().weight.device == FAKE_CUDA
+
+
 def test_output_buffers_are_reused_across_steps(bundles):
     bundle = _bundle(bundles["sd3"])
     backend = StandInEngineBackend(bundle)

@@ -53,7 +53,7 @@ class LatentPreview:
             grid = pipe.latent_grid(latents, state)  # (C, h, w)
             c, h, w = grid.shape
             cells = image.shape[-1] // w // vae_cell
-            colour = F.avg_pool2d(image, vae_cell)[0]  # (3, h*p, w*p)
+            colour = F.avg_pool2d(image, vae_cell).squeeze(0)  # (3, h*p, w*p)
             colour = colour.reshape(3, h, cells, w, cells).permute(1, 3, 2, 4, 0).reshape(h * w, -1)
             xs.append(grid.reshape(c, h * w).T)
             ys.append(colour)
@@ -64,15 +64,20 @@ class LatentPreview:
         y = torch.cat(ys).double()
         normal = x.T @ x
         normal += RIDGE * normal.diagonal().mean() * torch.eye(len(normal), dtype=x.dtype, device=x.device)
-        coef = torch.linalg.solve(normal, x.T @ y).float()
-        return cls(coef[:-1], coef[-1], cells)
+        weight, bias = torch.linalg.solve(normal, x.T @ y).float().split([len(normal) - 1, 1])
+        return cls(weight, bias.reshape(-1), cells)
 
     def rgb(self, grid: torch.Tensor) -> np.ndarray:
+        """The picture on the host: the one copy, of (h*p) x (w*p) x 3 bytes."""
+        return self.picture(grid).cpu().numpy()
+
+    def picture(self, grid: torch.Tensor) -> torch.Tensor:
+        """The picture as uint8 where `grid` is (the device)."""
         c, h, w = grid.shape
         p = self.cells
         colour = grid.reshape(c, h * w).T.float() @ self.weight + self.bias  # (h*w, p*p*3)
         colour = colour.reshape(h, w, p, p, 3).permute(0, 2, 1, 3, 4).reshape(h * p, w * p, 3)
-        return ((colour / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return ((colour / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _colour_field(side: int, seed: int) -> torch.Tensor:

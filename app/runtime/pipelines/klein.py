@@ -151,7 +151,7 @@ class KleinPipeline(Pipeline):
         return self.backend.run("vae_decoder", {"latents": grid})["image"].float()
 
     def latent_grid(self, latents, state):
-        return latents[0].reshape(state["h"], state["w"], -1).permute(2, 0, 1)
+        return latents.reshape(state["h"], state["w"], -1).permute(2, 0, 1)  # batch 1
 
     def encode_pixels(self, image, noise, state):
         lat = self.run_vae_encoder({"image": image})  # (1, C, h, w), normalised, as references are encoded

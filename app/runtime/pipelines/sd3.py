@@ -146,7 +146,7 @@ class SD3Pipeline(Pipeline):
         return self.backend.run("vae_decoder", {"latents": latents})["image"].float()
 
     def latent_grid(self, latents, state):
-        return latents[0]
+        return latents.squeeze(0)
 
     def encode_pixels(self, image, noise, state):
         return self.run_vae_encoder({"image": image, "noise": torch.zeros_like(self.to_device(noise))})  # the mean
