@@ -54,7 +54,7 @@ INSTEAD = {
     "ImageScale": "use ImageScaleToTotalPixels",
     "BasicScheduler": "FLUX.2 Klein: Flux2Scheduler; SD3.5: KSampler",
 }
-FAMILY_CLIP = {"flux2-klein": "flux2", "sd3": "sd3"}
+FAMILY_CLIP = {"flux2-klein": "flux2", "sd3.5": "sd3"}  # family -> ComfyUI CLIPLoader type
 RES = 16384
 
 
