@@ -15,7 +15,7 @@ import struct
 
 log = logging.getLogger("edgegen.server")
 BUFFER = 512  # messages queued per socket
-LOSSY = frozenset({"progress", "status", "preview"})
+LOSSY = frozenset({"progress", "progress_state", "status", "preview"})
 PREVIEW_IMAGE, JPEG = 1, 1  # ComfyUI's binary frame: >I event type (1: preview image), >I image type (1: JPEG), bytes
 
 

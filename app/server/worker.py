@@ -53,6 +53,7 @@ class Worker(threading.Thread):
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._current: tuple[str, object] | None = None  # (prompt_id, Cancel)
+        self._nodes: dict[str, dict] = {}  # the running job's progress_state (ComfyUI's per-node progress)
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._audit = None
         self.jobs_run = 0
@@ -93,11 +94,11 @@ class Worker(threading.Thread):
                 continue
             self._status(claimed=1)  # ComfyUI counts the job it is starting (comfy-api-simplified stops at 0)
             try:
-                self.execute(job)
+                self.execute(job)  # ends with status, then executing null, as ComfyUI ends a prompt
             except Exception:  # never let one job take the worker down
                 log.exception("job %s failed unexpectedly", job.id)
+                self._status()
             self.jobs_run += 1
-            self._status()
 
     def _status(self, claimed: int = 0) -> None:
         pending = self.queue.count("pending") + (1 if claimed or self.running() else 0)
@@ -115,6 +116,7 @@ class Worker(threading.Thread):
         self.queue.add_message(job.id, "execution_start", start)
         self.publish("execution_start", start, sid)
         self.publish("execution_cached", {"nodes": [], "prompt_id": job.id, "timestamp": _ms()}, sid)
+        self._nodes = {}  # this job's progress_state so far
         task: Task | None = None
         done: list[str] = []
         try:
@@ -158,6 +160,7 @@ class Worker(threading.Thread):
         finally:
             with self._lock:
                 self._current = None
+            self._status()
             if not self._stopping.is_set():
                 self.publish("executing", {"node": None, "prompt_id": job.id}, sid)
 
@@ -171,12 +174,14 @@ class Worker(threading.Thread):
         from app.runtime.pipelines import GenerationRequest
 
         sid = job.client_id
+        n = len(task.requests)
+        steps = n * max(1, int(task.requests[0].get("steps") or 1)) if task.requests else 1
+        self._progress_state(job, task.sampler_node, 0, steps, "running")
         self.publish("executing", {"node": task.sampler_node, "display_node": task.sampler_node,
                                    "prompt_id": job.id}, sid)
         loaded = self._pipeline(task.bundle_dir)
         already = self.queue.recorded(job.id)
         subfolder, base = _split_prefix(task.filename_prefix)
-        n = len(task.requests)
         images = []
         scaled = self._scaled_references(task)
         for idx, fields in enumerate(task.requests):
@@ -194,6 +199,7 @@ class Worker(threading.Thread):
             def on_step(step: int, total: int, idx=idx) -> None:
                 self.publish("progress", {"value": idx * total + step, "max": n * total, "prompt_id": job.id,
                                           "node": task.sampler_node}, sid)
+                self._progress_state(job, task.sampler_node, idx * total + step, n * total, "running")
 
             previews = {"on_preview": self._previewer(sid)} if self.config.preview_method != "none" else {}
             result = loaded.pipeline.generate(req, on_step=on_step, cancel=cancel, **previews)
@@ -203,9 +209,22 @@ class Worker(threading.Thread):
                 self.queue.add_message(job.id, "warning", {"prompt_id": job.id, "node": task.sampler_node,
                                                            "message": w})
             images.append(entry)
+        done = self._nodes.get(task.sampler_node, {}).get("max", steps)
+        self._progress_state(job, task.sampler_node, done, done, "finished", publish=False)
+        self._progress_state(job, task.node, 0, 1, "running")
         self.publish("executing", {"node": task.node, "display_node": task.node, "prompt_id": job.id}, sid)
         self.publish("executed", {"node": task.node, "display_node": task.node, "output": {"images": images},
                                   "prompt_id": job.id}, sid)
+        self._progress_state(job, task.node, 1, 1, "finished")
+
+    def _progress_state(self, job: Job, node: str, value: float, total: float, state: str,
+                        publish: bool = True) -> None:
+        """ComfyUI's progress_state: every node of the prompt seen so far, with value/max and running|finished."""
+        self._nodes[node] = {"value": float(value), "max": float(total), "state": state, "node_id": node,
+                             "prompt_id": job.id, "display_node_id": node, "parent_node_id": node.rpartition(":")[0]
+                             or None, "real_node_id": node}
+        if publish:
+            self.publish("progress_state", {"prompt_id": job.id, "nodes": dict(self._nodes)}, job.client_id)
 
     def _previewer(self, sid: str | None):
         """on_preview for the pipeline: each step's picture as ComfyUI's binary preview frame (JPEG, at most
