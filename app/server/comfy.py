@@ -285,7 +285,8 @@ class Evaluator:
             alias = f"; aliased names: {', '.join(sorted(self.aliases))}" if self.aliases else ""
             raise Bad(node, f"Bundle {name!r} is not served here",
                       f"available: {known}{alias}; start the server with --bundle DIR to add one, or "
-                      f"--alias {name}=BUNDLE to map this name onto one", input_name=name_input)
+                      f"--alias {name}=BUNDLE to map this name onto one", type_="value_not_in_list",
+                      input_name=name_input)  # ComfyUI's type for a name not in the loader's choices
         return Bundle(node, name, path, self.bundles.manifest(path))
 
 

@@ -104,10 +104,12 @@ class _Errors:
             "class_type": (graph.get(node) or {}).get("class_type") if isinstance(graph.get(node), dict) else None,
         })
         extra = {"input_name": input_name} if input_name else {}
-        if input_name and type_ == "invalid_input_type":  # ComfyUI's extra_info for a value of the wrong type
+        if input_name and type_ != "required_input_missing":  # ComfyUI's extra_info for a value it refuses
             spec = graph.get(node) if isinstance(graph.get(node), dict) else {}
-            extra.update(received_value=(spec.get("inputs") or {}).get(input_name), exception_message=details,
+            extra.update(received_value=(spec.get("inputs") or {}).get(input_name),
                          input_config=_input_config(spec.get("class_type"), input_name))
+            if type_ == "invalid_input_type":
+                extra["exception_message"] = details
         entry["errors"].append({"type": type_, "message": message, "details": details, "extra_info": extra})
         if output is not None and output not in entry["dependent_outputs"]:
             entry["dependent_outputs"].append(output)
@@ -303,7 +305,7 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliase
         width, height, count, computed = latent.width, latent.height, latent.batch, latent.computed
     elif isinstance(latent, Encoded):
         same_bundle(latent.node, "VAEEncode's vae", latent.vae.bundle)
-        if family != "sd3":
+        if family != "sd3.5":
             raise _Bad(s.node, f"Image-to-image (an encoded latent_image) is SD3.5's; bundle {bundle.name} is "
                        f"{family}", "FLUX.2 Klein edits with ReferenceLatent and an empty latent")
         if not 0 < s.denoise < 1:

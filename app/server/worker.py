@@ -115,7 +115,9 @@ class Worker(threading.Thread):
         start = {"prompt_id": job.id, "timestamp": _ms()}
         self.queue.add_message(job.id, "execution_start", start)
         self.publish("execution_start", start, sid)
-        self.publish("execution_cached", {"nodes": [], "prompt_id": job.id, "timestamp": _ms()}, sid)
+        cached = {"nodes": [], "prompt_id": job.id, "timestamp": _ms()}  # edgegen caches no node outputs
+        self.queue.add_message(job.id, "execution_cached", cached)
+        self.publish("execution_cached", cached, sid)
         self._nodes = {}  # this job's progress_state so far
         task: Task | None = None
         done: list[str] = []
