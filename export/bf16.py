@@ -170,11 +170,11 @@ def fp32_bytes_needed(folder, precisions: dict[str, str]) -> int:
     return int(sum(folder.weights[s][0] * 4 for s in sources if s in folder.weights) * 1.3) + PROCESS_BASE
 
 
-def HalfTorchBackend(bundle, model: Path, precisions: dict[str, str], device: torch.device | None = None):
+def HalfTorchBackend(bundle, model: Path, precisions: dict[str, str], device: torch.device | None = None,
+                     fused_loras: tuple = ()):
     """app.runtime.torch_backend.TorchBackend with each half-precision component loaded in its dtype and run
     with that arithmetic (FP32 at the boundary, as the graph): PyTorch's BF16/FP16 CPU kernels stand in for
     the GPU's, which export cannot run here."""
-    from app.models.loading import load_component
     from app.models.wrappers import wrap, wrap_in_dtype
     from app.runtime.torch_backend import TorchBackend
     from export.bf16_policy import FP32_INPUTS
@@ -185,10 +185,10 @@ def HalfTorchBackend(bundle, model: Path, precisions: dict[str, str], device: to
                 spec, slots = self.spec(component), self.slots(component)
                 p = precisions.get(component, "fp32")
                 dtype = TORCH_DTYPES.get(p, torch.float32)
-                m = load_component(self.folder, spec.source, dtype)
+                m = self.load(spec, dtype)
                 keep = FP32_INPUTS.get(bundle.manifest["family"], frozenset())
                 self._modules[component] = (wrap_in_dtype(spec, m, dtype, keep, slots) if dtype != torch.float32
                                             else wrap(spec, m, slots)).to(self.device)
             return self._modules[component]
 
-    return _Half(bundle, model, device)
+    return _Half(bundle, model, device, fused_loras)

@@ -294,7 +294,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
 
             quantize_transformer(w.tmp, manifest, folder.path, prompts, opts.calibration_count,
                                  opts.calibration_size, fp8_exclude_patterns(fam.name), progress,
-                                 opts.accept_low_fidelity, steps=opts.calibration_steps)
+                                 opts.accept_low_fidelity, steps=opts.calibration_steps, fused_loras=opts.loras)
         elif opts.precision == "fp8" or fp8_encoders:
             quantize_components(opts, fam, manifest, w.tmp, prompts, fp8_encoders, progress)
         _drop_twins(manifest, w.tmp)
@@ -372,9 +372,9 @@ def half_images(opts: ExportOptions, folder: ModelFolder, manifest: dict, root: 
 
     from app.runtime.torch_backend import TorchBackend
 
-    ref = draw(provisional, TorchBackend(provisional, folder.path))
+    ref = draw(provisional, TorchBackend(provisional, folder.path, fused_loras=opts.loras))
     twin = calibrate.images(Bundle(root, cpu_runnable(manifest), "provisional"), size)
-    half = draw(provisional, HalfTorchBackend(provisional, folder.path, precisions))
+    half = draw(provisional, HalfTorchBackend(provisional, folder.path, precisions, fused_loras=opts.loras))
     rounded = [psnr(a, b) for a, b in zip(ref, twin)]
     computed = [psnr(a, b) for a, b in zip(ref, half)]
     worst = min(rounded + computed)

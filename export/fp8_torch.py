@@ -379,7 +379,8 @@ def default_size(manifest: dict, device: torch.device) -> int:
 
 def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[str], count: int,
                          size: int | None, patterns: Sequence[str], say: Say, accept_low_fidelity: bool,
-                         device: torch.device | None = None, steps: int | None = None) -> None:
+                         device: torch.device | None = None, steps: int | None = None,
+                         fused_loras: tuple = ()) -> None:
     """Quantize the provisional bundle's BF16 transformer (root/transformer) to FP8 in place, recording what and
     how well in `manifest` (the entry, its gate, and manifest["fidelity"])."""
     import gc
@@ -395,7 +396,8 @@ def quantize_transformer(root: Path, manifest: dict, model: Path, prompts: list[
     device = device or calibration_device()
     size = size or default_size(manifest, device)
     bundle = Bundle(root, manifest, "provisional")
-    backend = HalfTorchBackend(bundle, model, manifest["component_precisions"], device=device)
+    backend = HalfTorchBackend(bundle, model, manifest["component_precisions"], device=device,
+                               fused_loras=fused_loras)  # calibrated on the brand's weights, as the ONNX route
     pipe = make_pipeline(bundle, backend, low_vram=False)
     req = lambda p, s: GenerationRequest(prompt=p, seed=s, width=size, height=size, steps=steps)  # noqa: E731
     calib = [req(p, 1000 + i) for i, p in enumerate(prompts[:count])]

@@ -26,7 +26,10 @@ def sd3_lora(sd3_model, tmp_path_factory):
     tr.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                               init_lora_weights=False))
     out = tmp_path_factory.mktemp("lora")
-    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(tr))
+    # B scaled x3: peft's random init moves the tiny model's image only to 45 dB of the base one, about FP8's own
+    # error, so "the LoRA took effect" could not be told from FP8 noise (CI 2026-12-07: 49.8 vs 47.0 dB); x3: 34.5 dB
+    state = {k: v * 3 if "lora_B" in k else v for k, v in get_peft_model_state_dict(tr).items()}
+    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=state)
     return next(out.glob("*.safetensors"))
 
 
@@ -140,20 +143,20 @@ def test_runtime_lora_on_fp8_next_to_the_fused_one(sd3_fp8_bundle, sd3_model, sd
     img = ref(prompt="a cat", num_inference_steps=4, guidance_scale=3.0, width=64, height=64,
               generator=torch.Generator("cpu").manual_seed(2), output_type="np").images[0]
     expect = (img * 255).round().astype(np.uint8)
-    # the same bundle and LoRA with BF16 arithmetic (PyTorch's BF16 CPU kernels on the source modules, the
-    # run-time LoRA branch included): what FP8 costs next to BF16, both with the LoRA
+    # the same bundle and LoRAs with BF16 arithmetic (PyTorch's BF16 CPU kernels on the source modules with the
+    # export's LoRA fused, the run-time LoRA branch included): what FP8 costs next to BF16, both with the LoRAs
     from app.runtime.pipelines import GenerationRequest, make_pipeline
     from export.bf16 import HalfTorchBackend
 
     b = load_bundle(sd3_fp8_bundle)
-    half = HalfTorchBackend(b, sd3_model, {c: "bf16" for c in b.components()})
+    half = HalfTorchBackend(b, sd3_model, {c: "bf16" for c in b.components()}, fused_loras=((sd3_lora, 0.7),))
     bf16 = make_pipeline(b, half).generate(GenerationRequest(
         prompt="a cat", width=64, height=64, steps=4, guidance=3.0, seed=2, loras=(("brand", 0.9),))).image
     print(f"FP8 + run-time LoRA vs diffusers FP32 + LoRA: {psnr(ours, expect):.1f} dB; without the run-time LoRA: "
           f"{psnr(without, expect):.1f} dB; FP8 vs BF16 (both with the LoRA): {psnr(ours, bf16):.1f} dB; BF16 vs "
           f"FP32: {psnr(bf16, expect):.1f} dB")
     assert psnr(ours, expect) >= 28 and psnr(ours, expect) > psnr(without, expect) + 3
-    # measured 2026-12-07: FP8 vs BF16 42.1 dB, BF16 (every component in BF16 arithmetic) vs FP32 42.6 dB
+    # measured 2026-12-08 (LoRA B x3): FP8 vs BF16 43.5 dB, BF16 (every component in BF16 arithmetic) vs FP32 48.3 dB
     assert psnr(ours, bf16) >= 30
 
 

@@ -31,7 +31,7 @@ def test_one_preview_per_step_sized_by_the_bundle_and_the_image_unchanged(which,
     from app.runtime.pipelines import GenerationRequest
 
     if which.startswith("variant-"):
-        from conftest import variant_bundle
+        from tests.conftest import variant_bundle
 
         bundle_dir = variant_bundle(tmp_path_factory, which.removeprefix("variant-"))[1]
     else:

@@ -220,3 +220,47 @@ def test_plan_grows_with_references(klein_encoder_bundle, capsys):
     assert tr[0] < tr[1] < tr[2]
     assert [c.kind for c in plans[0].components] == ["text_encoder", "vae_encoder", "transformer", "vae_decoder"]
     assert main(["plan", "--bundle", str(klein_encoder_bundle), "--gpu", "RTX 4090", "--references", "9"]) == 2
+
+
+def test_reference_larger_than_the_bundle_is_scaled_not_refused(klein_model, klein_encoder_bundle, tmp_path, capsys):
+    """A reference with a side longer than the bundle's encoder takes (1.5 x its largest side, 4:3) is scaled by
+    the longer side to exactly that side with diffusers' resampling (LANCZOS) and crop, and said so in one line;
+    the image equals diffusers' Klein pipeline given that scaled picture (diffusers itself would not scale below
+    1 MP, and the bundle cannot encode it unscaled)."""
+    from app.bundle.manifest import load_bundle
+
+    largest = load_bundle(klein_encoder_bundle, verify=False).manifest["size_range"]["max"]
+    W, H = largest * 3 // 2, largest * 9 // 8
+    big = make_image(tmp_path / "big.png", W, H, seed=21)
+    prompt = "a red circle on a blue background"
+    capsys.readouterr()
+    ours = _generate(klein_encoder_bundle, tmp_path / "k.png", prompt, 7, "--image", str(big), "--steps", "2")
+    w, h = largest, largest * 3 // 4
+    assert f"reference big.png {W}x{H} scaled to {w}x{h} (this bundle encodes at most {largest} px a side)" \
+        in capsys.readouterr().err.splitlines()
+    Image.open(big).convert("RGB").resize((w, h), Image.Resampling.LANCZOS).save(tmp_path / "scaled.png")
+    ref = klein_reference(klein_model, [tmp_path / "scaled.png"], prompt, 7, steps=2)
+    assert ours.shape == ref.shape == (h, w, 3)
+    assert psnr(ours, ref) >= 60
+    # a second reference the same way, next to one that fits: only the large one is scaled
+    capsys.readouterr()
+    small = make_image(tmp_path / "small.png", 64, 80, seed=22)
+    _generate(klein_encoder_bundle, tmp_path / "k2.png", prompt, 7, "--image", str(small), "--image", str(big),
+              "--steps", "1")
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reference ")]
+    assert notes == [f"reference big.png {W}x{H} scaled to {w}x{h} (this bundle encodes at most {largest} px a side)"]
+
+
+def test_reference_scaling_rule():
+    """diffusers' 1 MP rule where it binds (its own arithmetic), the bundle's side where that binds, none below."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    from app.runtime.references import reference_size, scaled_size
+
+    pipe = {"vae_scale_factor": 8, "reference_max_pixels": 1024 * 1024}
+    assert scaled_size((1000, 1000), pipe, 2048) is None and reference_size((1000, 1000), pipe, 2048) == (992, 992)
+    big = Image.new("RGB", (3000, 2000))
+    assert scaled_size(big.size, pipe, 2048) == Flux2ImageProcessor._resize_to_target_area(big).size
+    assert scaled_size((4000, 500), pipe, 2048) == (2048, 256)  # 1 MP leaves 2828 px: the bundle's side binds
+    assert scaled_size((192, 144), pipe, 128) == (128, 96) and scaled_size((144, 192), pipe, 128) == (96, 128)
+    assert reference_size((192, 144), pipe, 128) == (128, 96)

@@ -106,6 +106,8 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
         else:
             with step_bar(f"seed {s}") as on_step:
                 result = pipe.generate(req, on_step=on_step)
+        for note in result.notes:
+            say(note)
         for w in result.warnings:
             say(f"warning: {w}")
         try:

@@ -291,3 +291,43 @@ def _stack(slots: list[dict], recs: list, strengths: dict) -> dict[str, torch.Te
         name_a, name_b = lora_input_names(i)
         feeds[name_a], feeds[name_b] = a, b
     return feeds
+
+
+# ----- LoRAs fused at export (--lora): export/lora.py and the PyTorch reference (torch_backend) ----------------
+def read_fused_lora(path: Path, pipeline_class: str) -> dict:
+    """A --lora file's state dict through the family pipeline's own LoRA loader (kohya / ComfyUI layouts too)."""
+    import diffusers
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UsageError(f"--lora {path} must be an existing .safetensors file (pickle LoRAs are refused)")
+    try:
+        state = getattr(diffusers, pipeline_class).lora_state_dict(str(path))
+    except Exception as e:  # diffusers raises many types for a malformed file
+        raise UsageError(f"--lora {path} is not a LoRA diffusers can read ({str(e).splitlines()[0][:120]})") from None
+    return state[0] if isinstance(state, tuple) else state
+
+
+def fuse_loras(transformer: torch.nn.Module, pipeline_class: str, loras) -> list[dict]:
+    """Load each LoRA with the pipeline's own LoRA loader, fuse it at its scale, drop the adapter layers.
+
+    Fused weights are ordinary weights, so the ONNX, FP8 calibration and engines all see the brand style;
+    the manifest records which file (sha256) at which scale."""
+    records = []
+    for i, (path, scale) in enumerate(loras):
+        path = Path(path)
+        state = read_fused_lora(path, pipeline_class)
+        name = f"edgegen_lora_{i}"
+        before = {n for n, _ in transformer.named_modules()}
+        try:
+            transformer.load_lora_adapter(state, prefix="transformer", adapter_name=name)
+        except Exception as e:
+            raise UsageError(f"--lora {path} does not fit this model's transformer ({str(e).splitlines()[0][:120]}); "
+                             "use a LoRA trained for this model") from None
+        if name not in getattr(transformer, "peft_config", {}) or {n for n, _ in transformer.named_modules()} == before:
+            raise UsageError(f"--lora {path} matches no layer of this model's transformer; "
+                             "use a LoRA trained for this model family")
+        transformer.fuse_lora(lora_scale=scale, adapter_names=[name])
+        transformer.unload_lora()
+        records.append({"file": path.name, "sha256": sha256_file(path), "scale": scale,
+                        "tensors": len(state)})
+    return records

@@ -110,16 +110,42 @@ def encoder_export_command(bundle) -> str:
     return cmd + " --with-encoder --overwrite"
 
 
-def reference_size(size: tuple[int, int], pipeline: dict) -> tuple[int, int]:
-    """A FLUX.2 Klein reference's size after diffusers' preprocessing: scaled to the reference area (1 MP) if
-    larger (Flux2ImageProcessor._resize_to_target_area), then cut down to a multiple of vae_scale_factor * 2."""
+def scaled_size(size: tuple[int, int], pipeline: dict, largest: int | None = None) -> tuple[int, int] | None:
+    """The size a FLUX.2 Klein reference is resized to (LANCZOS) before the crop, or None when it is not resized.
+    Above the reference area (1 MP), diffusers' rule: Flux2ImageProcessor._resize_to_target_area's arithmetic.
+    Where that still leaves a side longer than the bundle's VAE encoder takes (`largest`, the bundle's size_range
+    max), the longer side is scaled to exactly `largest` and the other by the same factor (rounded down), so a
+    float rounding never costs a latent cell."""
     w, h = size
     area = pipeline.get("reference_max_pixels", 1024 * 1024)
+    out = None
     if w * h > area:
         scale = math.sqrt(area / (w * h))
-        w, h = int(w * scale), int(h * scale)
+        out = (int(w * scale), int(h * scale))
+    if largest and max(out or size) > largest:
+        long, short = max(w, h), min(w, h)
+        fit = (largest, short * largest // long)
+        out = fit if w >= h else fit[::-1]
+    return out
+
+
+def reference_size(size: tuple[int, int], pipeline: dict, largest: int | None = None) -> tuple[int, int]:
+    """A FLUX.2 Klein reference's size after preprocessing (scaled_size), cut down to a multiple of
+    vae_scale_factor * 2 as diffusers crops it."""
+    w, h = scaled_size(size, pipeline, largest) or size
     m = pipeline["vae_scale_factor"] * 2
     return (w // m) * m, (h // m) * m
+
+
+def scaling_note(name: str, size: tuple[int, int], pipeline: dict, largest: int) -> str | None:
+    """The one status line for a reference that preprocessing scaled down, or None when it was not."""
+    scaled = scaled_size(size, pipeline, largest)
+    if scaled is None:
+        return None
+    w, h = reference_size(size, pipeline, largest)
+    why = (f"this bundle encodes at most {largest} px a side" if max(scaled) == largest and
+           scaled != scaled_size(size, pipeline) else "references above 1 MP are scaled to 1 MP, as diffusers does")
+    return f"reference {name} {size[0]}x{size[1]} scaled to {w}x{h} ({why})"
 
 
 def check_images(bundle, inputs: list[InputImage]) -> None:
@@ -127,17 +153,21 @@ def check_images(bundle, inputs: list[InputImage]) -> None:
     if bundle.manifest["family"] != "flux2-klein":
         return
     for img in inputs:
-        w, h = reference_size(img.size, bundle.manifest["pipeline"])
-        check_reference_size(img, w, h, bundle.manifest["size_range"]["max"])
+        largest = bundle.manifest["size_range"]["max"]
+        w, h = reference_size(img.size, bundle.manifest["pipeline"], largest)
+        check_reference_size(img, w, h, bundle.manifest["pipeline"])
 
 
-def check_reference_size(img: InputImage, w: int, h: int, largest: int) -> None:
-    """Flux2ImageProcessor.check_image_input's limits, and the encoder's profile (the bundle's largest side)."""
+def check_reference_size(img: InputImage, w: int, h: int, pipeline: dict) -> None:
+    """Flux2ImageProcessor.check_image_input's limits (diffusers refuses these too), and a scaled size that still
+    has a latent cell each way. A reference larger than the bundle encodes is scaled (reference_area), not
+    refused."""
     W, H = img.size
     if W < MIN_SIDE or H < MIN_SIDE:
         raise UsageError(f"--image {img.name} is {W}x{H}; references must be at least {MIN_SIDE} px on each side")
     if max(W / H, H / W) > MAX_ASPECT:
         raise UsageError(f"--image {img.name} is {W}x{H}; references may be at most {MAX_ASPECT}:1 wide or tall")
-    if max(w, h) > largest:
-        raise UsageError(f"--image {img.name} is {w}x{h} after preprocessing; this bundle encodes at most "
-                         f"{largest} px per side: crop it, or re-export with a larger --max-size")
+    if min(w, h) < 1:
+        m = pipeline["vae_scale_factor"] * 2
+        raise UsageError(f"--image {img.name} is {W}x{H}; scaled to fit this bundle its short side is under {m} px "
+                         "(one latent cell): crop it less elongated, or re-export with a larger --max-size")

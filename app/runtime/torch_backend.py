@@ -15,11 +15,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, model: Path | None = None, device: torch.device | None = None):
+    def __init__(self, bundle: Bundle, model: Path | None = None, device: torch.device | None = None,
+                 fused_loras: tuple = ()):
+        """`fused_loras`: the (file, scale) pairs export fused into the bundle's transformer (--lora), fused the same
+        way into the source transformer here; a bundle that records fused LoRAs is refused without them, as its
+        reference would silently lack the brand style."""
         from app.bundle.files import sha256_file
         from app.bundle.modelfolder import inspect_folder
 
         self.bundle = bundle
+        recorded = bundle.manifest.get("loras") or []
+        if recorded and [r["sha256"] for r in recorded] != [sha256_file(Path(p)) for p, _ in fused_loras]:
+            names = ", ".join(f"{r['file']} at {r['scale']}" for r in recorded)
+            raise BundleError(f"this bundle has {names} fused in at export; the PyTorch reference cannot rebuild "
+                              "it from the source folder alone: use --backend onnxruntime")
+        self.fused_loras = tuple(fused_loras)
         self.device = device or torch.device("cpu")
         src = Path(model or bundle.manifest["source"]["path"])
         if not (src / "model_index.json").is_file():
@@ -32,13 +42,23 @@ class TorchBackend:
 
     def module(self, component: str) -> torch.nn.Module:
         if component not in self._modules:
-            from app.models.loading import load_component
             from app.models.wrappers import wrap
 
             spec = self.spec(component)
-            module = wrap(spec, load_component(self.folder, spec.source), self.slots(component))
+            module = wrap(spec, self.load(spec), self.slots(component))
             self._modules[component] = module.to(self.device)
         return self._modules[component]
+
+    def load(self, spec, dtype=None) -> torch.nn.Module:
+        """The component's source module, with the export's fused LoRAs where it is the transformer."""
+        from app.models.loading import load_component
+
+        module = load_component(self.folder, spec.source, dtype)
+        if spec.role == "transformer" and self.fused_loras:
+            from app.runtime.loras import fuse_loras
+
+            fuse_loras(module, self.folder.index["_class_name"], self.fused_loras)
+        return module
 
     def spec(self, component: str):
         """The component's inputs as the bundle has them (with a run-time LoRA bundle's side-branch inputs)."""

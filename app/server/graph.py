@@ -368,11 +368,11 @@ def _check_reference_sizes(refs, manifest) -> None:
         if min(w, h) < MIN_SIDE or max(w / h, h / w) > MAX_ASPECT:
             raise _Bad(r.picture.node, f"Reference image is {w}x{h}", f"references must be at least {MIN_SIDE} px a "
                        f"side and at most {MAX_ASPECT}:1 (as diffusers' Flux2KleinPipeline)")
-        rw, rh = reference_size((w, h), manifest["pipeline"])
-        if max(rw, rh) > largest:
-            raise _Bad(r.picture.node, f"Reference image is {rw}x{rh} after preprocessing; this bundle encodes at "
-                       f"most {largest} px per side", "scale it to fewer megapixels (ImageScaleToTotalPixels), or "
-                       "re-export the bundle with a larger --max-size")
+        rw, rh = reference_size((w, h), manifest["pipeline"], largest)  # scaled to fit the bundle, not refused
+        if min(rw, rh) < 1:
+            raise _Bad(r.picture.node, f"Reference image is {w}x{h}; scaled to this bundle's {largest} px its short "
+                       "side is under one latent cell", "crop it less elongated, or re-export the bundle with a "
+                       "larger --max-size")
 
 
 def _check_lora(graph, node, bundle_name, manifest) -> tuple[str, float] | None:

@@ -207,7 +207,7 @@ class Worker(threading.Thread):
             result = loaded.pipeline.generate(req, on_step=on_step, cancel=cancel, **previews)
             self._save(job, loaded, result, path)
             self.queue.record_image(job.id, task.node, idx, filename, subfolder, "output")
-            for w in result.warnings:
+            for w in (*result.notes, *result.warnings):  # a scaled reference, then the real warnings
                 self.queue.add_message(job.id, "warning", {"prompt_id": job.id, "node": task.sampler_node,
                                                            "message": w})
             images.append(entry)

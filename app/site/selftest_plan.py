@@ -52,18 +52,21 @@ def plan(bundle: Bundle, model_dir: Path, gpus: list, ort_providers: list[str] |
     fp8 = bundle.manifest.get("text_encoder_precision") == "fp8"
     prec = THRESHOLD_DB["fp8"] if fp8 else THRESHOLD_DB.get(bundle.precision, THRESHOLD_DB["fp8"])
     gpu = gpus[0] if gpus else None
-    out = [Candidate("torch", "PyTorch reference", THRESHOLD_DB["fp32"], skip=None if (
-        Path(model_dir) / "model_index.json").is_file() else f"not run — the model folder {model_dir} is not here",
-        make=lambda: TorchBackend(bundle, model=Path(model_dir)))]
     import torch
 
     has_model = (Path(model_dir) / "model_index.json").is_file()
+    fused = bundle.manifest.get("loras") or []
+    no_reference = (f"not run — the model folder {model_dir} is not here" if not has_model else
+                    f"not run — {fused[0]['file']} was fused in at export; the source folder alone is not this "
+                    "bundle's model" if fused else None)
+    out = [Candidate("torch", "PyTorch reference", THRESHOLD_DB["fp32"], skip=no_reference,
+                     make=lambda: TorchBackend(bundle, model=Path(model_dir)))]
     tcuda = Candidate("torch-cuda", "PyTorch CUDA", THRESHOLD_DB["fp32"],
                       make=lambda: TorchBackend(bundle, model=Path(model_dir), device=torch.device("cuda", 0)))
     if not torch_cuda:
         tcuda.skip = "not run — no CUDA device for PyTorch (no NVIDIA GPU, or a CPU build of PyTorch)"
-    elif not has_model:
-        tcuda.skip = f"not run — the model folder {model_dir} is not here"
+    elif no_reference:
+        tcuda.skip = no_reference
     out.append(tcuda)
     cpu = Candidate("onnxruntime-cpu", "ONNX Runtime CPU", prec, make=lambda: OrtBackend(bundle, "cpu"))
     if ort_providers is None:

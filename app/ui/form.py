@@ -272,7 +272,7 @@ class GenerationForm(QWidget):
 
             try:
                 with Image.open(first) as im:
-                    w, h = reference_size(ImageOps.exif_transpose(im).size, self.pipeline)
+                    w, h = reference_size(ImageOps.exif_transpose(im).size, self.pipeline, self.size_range["max"])
             except (OSError, ValueError, KeyError):
                 w = h = 0
             if self.size_range["min"] <= min(w, h) and max(w, h) <= self.size_range["max"]:

@@ -46,6 +46,7 @@ class JobResult:
     thumbnail: bytes
     timings: dict
     warnings: list[str]
+    notes: tuple[str, ...] = ()  # status lines (a reference scaled to the bundle's size)
 
 
 class JobQueue(QObject):

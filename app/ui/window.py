@@ -331,7 +331,7 @@ class MainWindow(QMainWindow):
             self.gallery.add_new(entry_id)
         if result.warnings:
             self.banner.show_message("; ".join(result.warnings), error=False)
-        self.statusBar().showMessage(f"Saved {result.path}", 10_000)
+        self.statusBar().showMessage("; ".join((f"Saved {result.path}", *result.notes)), 10_000)
         if entry_id >= 0:
             self.image_saved.emit(entry_id)
 

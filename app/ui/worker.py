@@ -204,7 +204,8 @@ class GenerationWorker(QObject):
         except EdgegenError as e:  # the image is saved; say the audit failed rather than losing it
             warnings.append(str(e))
         return JobResult(path=path, meta={**meta, "bundle_dir": str(loaded.bundle.root)},
-                         thumbnail=thumbnail_png(result.image), timings=dict(result.timings), warnings=warnings)
+                         thumbnail=thumbnail_png(result.image), timings=dict(result.timings), warnings=warnings,
+                         notes=tuple(result.notes))
 
     def _audit(self, loaded: Loaded, result, path: Path) -> None:
         from app.runtime.audit import AuditLog

@@ -152,3 +152,31 @@ def test_sd3_strength_slider_and_image_to_image_match_diffusers(rwindow, qtbot, 
     rwindow.reuse_entry(entry)
     assert strip.strength.value() == 60 and strip.paths() == [init.absolute()]
     strip.clear()
+
+
+def test_a_reference_larger_than_the_demo_bundle_is_scaled_in_the_app(rwindow, qtbot, tmp_path, demo_bundle):
+    """The new user's case: a 192x144 photo as the reference of the 128 px demo bundle is scaled (the size it
+    sets, the image, the status line), not refused."""
+    from app.runtime.references import reference_size
+
+    _select(rwindow, demo_bundle)
+    m = rwindow.bundle.manifest
+    largest = m["size_range"]["max"]
+    assert max(192, 144) > largest  # the case only proves something while the demo bundle is smaller
+    w, h = reference_size((192, 144), m["pipeline"], largest)
+    form = rwindow.form
+    form.references.clear()
+    assert form.references.add(make_image(tmp_path / "photo.png", 192, 144, seed=6))
+    size = (form.values().width, form.values().height)  # the reference's size where the bundle makes it
+    lo = m["size_range"]["min"]
+    assert (size == (w, h) if min(w, h) >= lo else lo <= min(size) <= max(size) <= largest)  # demo: 128 px only
+    assert not form.error.isVisible()
+    form.prompt.setPlainText("a red circle on a blue background")
+    form.steps.setValue(2)
+    with qtbot.waitSignal(rwindow.image_saved, timeout=IMAGE_MS) as saved:
+        rwindow.generate()
+    entry = rwindow.history.get(saved.args[0])
+    assert (entry.meta["width"], entry.meta["height"]) == size
+    assert f"reference photo.png 192x144 scaled to {w}x{h}" in rwindow.statusBar().currentMessage()
+    assert not rwindow.banner.isVisible() or "scaled" not in rwindow.banner.text()
+    form.references.clear()

@@ -59,6 +59,7 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     references: list[dict] = field(default_factory=list)  # name, sha256, path, size of each input image
     loras: list[dict] = field(default_factory=list)  # name, strength, sha256, rank, signature of each LoRA
+    notes: list[str] = field(default_factory=list)  # status lines: what preprocessing did (a reference scaled)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Job:
     references: list[dict] = field(default_factory=list)  # what the metadata records about each input image
     lora: dict = field(default_factory=dict)  # CPU side-branch inputs of a run-time LoRA bundle (app/runtime/loras)
     loras: list[dict] = field(default_factory=list)  # what the metadata records about each LoRA
+    notes: list[str] = field(default_factory=list)  # status lines for the result (GenerationResult.notes)
 
 
 class Pipeline:
@@ -283,7 +285,7 @@ class Pipeline:
             raise self._gpu_failure(e, job.req, timings) from None
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings),
-                                references=list(job.references), loras=list(job.loras))
+                                references=list(job.references), loras=list(job.loras), notes=list(job.notes))
 
     def _gpu_failure(self, exc: BaseException, req: GenerationRequest, timings: dict):
         """A GPU failure as one sentence with the numbers: the plan's peak for this size and NVML's free bytes."""

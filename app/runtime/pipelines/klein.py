@@ -85,23 +85,28 @@ class KleinPipeline(Pipeline):
     def image_size(self, req, inputs):
         from app.runtime.references import reference_size
 
-        return reference_size(inputs[0].size, self.bundle.manifest["pipeline"])  # the first reference's size
+        return reference_size(inputs[0].size, self.bundle.manifest["pipeline"],  # the first reference's size
+                              self.bundle.manifest["size_range"]["max"])
 
     def prepare_images(self, job: Job, inputs: list) -> None:
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+        from PIL import Image
 
-        from app.runtime.references import check_reference_size, reference_size
+        from app.runtime.references import check_reference_size, reference_size, scaled_size, scaling_note
 
-        m = self.bundle.manifest["pipeline"]["vae_scale_factor"] * 2
-        area = self.bundle.manifest["pipeline"].get("reference_max_pixels", 1024 * 1024)
+        pipeline = self.bundle.manifest["pipeline"]
+        largest = self.bundle.manifest["size_range"]["max"]
+        m = pipeline["vae_scale_factor"] * 2
         processor = Flux2ImageProcessor(vae_scale_factor=m)
         grids = []
-        for ref in inputs:
-            w, h = reference_size(ref.size, self.bundle.manifest["pipeline"])
-            check_reference_size(ref, w, h, self.bundle.manifest["size_range"]["max"])
-            img = ref.image
-            if img.size[0] * img.size[1] > area:
-                img = Flux2ImageProcessor._resize_to_target_area(img, area)
+        for ref, record in zip(inputs, job.references):
+            w, h = reference_size(ref.size, pipeline, largest)
+            check_reference_size(ref, w, h, pipeline)
+            img, to = ref.image, scaled_size(ref.size, pipeline, largest)
+            if to is not None:  # Flux2ImageProcessor._resize_to_target_area's resize, to the bundle's size
+                img = img.resize(to, Image.Resampling.LANCZOS)
+                record["scaled_to"] = [w, h]
+                job.notes.append(scaling_note(ref.name, ref.size, pipeline, largest))
             job.images.append(processor.preprocess(img, height=h, width=w, resize_mode="crop").float())
             grids.append((h // m, w // m))
         job.state["ref_grids"] = grids
