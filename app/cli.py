@@ -132,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", type=Path, action="append", default=[], metavar="FILE",
                    help="FLUX.2 Klein: a reference image (repeat for several); SD3.5: the init image for "
                         "image-to-image. The size defaults to the (first) image's. Needs a bundle with the encoder")
-    g.add_argument("--strength", type=_finite, help="SD3.5 image-to-image: how much to redraw, in (0, 1] "
-                                                    "(default 0.6)")
+    g.add_argument("--strength", type=_finite, help="how much to redraw, in (0, 1]: SD3.5 image-to-image "
+                                                    "(default 0.6), FLUX.2 Klein inpainting (default 0.8)")
+    g.add_argument("--mask", type=Path, metavar="FILE",
+                   help="FLUX.2 Klein inpainting: white repaints, black keeps; the first --image is inpainted (the "
+                        "output takes its size), a second --image is a reference")
     g.add_argument("--lora", type=_lora_choice, action="append", default=[], metavar="NAME[:STRENGTH]",
                    help="a LoRA from the site library (edgegen lora list), strength 1 by default; repeat for "
                         "several. Needs a bundle exported with --runtime-lora")
@@ -315,6 +318,7 @@ def cmd_generate(args) -> int:
         steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, backend=args.backend,
         model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar, device=args.device,
         low_vram=args.low_vram, images=tuple(args.image), strength=args.strength, loras=tuple(args.lora),
+        mask=args.mask,
     )
     for p in paths:
         print(p)

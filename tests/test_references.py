@@ -149,7 +149,7 @@ def test_bad_image_inputs_are_one_line(capsys, tmp_path, klein_encoder_bundle, s
     (tmp_path / "notes.png").write_text("not a picture")
     assert "not an image" in _bad(capsys, *kb, "--image", str(tmp_path / "notes.png"))
     assert "at most 4" in _bad(capsys, *kb, *[a for _ in range(5) for a in ("--image", str(ok))])
-    assert "SD3.5 image-to-image only" in _bad(capsys, *kb, "--image", str(ok), "--strength", "0.5")
+    assert "FLUX.2 Klein inpainting (--mask)" in _bad(capsys, *kb, "--image", str(ok), "--strength", "0.5")
     sb = ["--bundle", str(sd3_encoder_bundle), *out]
     for s in ("0", "1.5", "-0.2"):
         assert "(0, 1]" in _bad(capsys, *sb, "--image", str(ok), "--strength", s)

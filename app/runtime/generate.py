@@ -49,6 +49,9 @@ def image_inputs_metadata(result) -> dict:
     if not refs:
         return {}
     meta = {"references": [{"name": r["name"], "sha256": r["sha256"], "path": r["path"]} for r in refs]}
+    mask = getattr(result, "mask", None)
+    if mask:  # Klein inpainting: the first reference is the image inpainted
+        meta["mask"] = {"name": mask["name"], "sha256": mask["sha256"], "path": mask["path"]}
     if result.request.strength is not None:
         meta["strength"] = result.request.strength
     return meta
@@ -58,7 +61,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
                    steps=None, guidance=None, width=None, height=None, backend: str = "auto", model=None,
                    count: int = 1, say: Callable[[str], None] = print, step_bar=None, device: str = "auto",
                    low_vram: bool | None = None, images: tuple = (), strength: float | None = None,
-                   loras: tuple = ()) -> list[Path]:
+                   loras: tuple = (), mask: Path | None = None) -> list[Path]:
     from app.errors import UsageError
     from app.runtime.references import check_cli_images, check_count_and_strength, check_images, read_image
 
@@ -76,7 +79,9 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
 
     where = parse_device(device)  # a bad --device is refused before the bundle is hashed
     check_cli_images(images, None, strength, None)  # files exist and are images, strength in (0, 1]
-    if images or strength is not None or loras:  # count, family, encoder, LoRAs from the manifest, before hashing
+    if mask is not None:
+        read_image(mask, "--mask")
+    if images or strength is not None or loras or mask is not None:  # count, family, encoder, LoRAs from the manifest, before hashing
         from app.errors import EdgegenError
 
         try:
@@ -84,7 +89,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
         except EdgegenError:
             unverified = None  # the verified load below says what is wrong with the bundle
         if unverified is not None:
-            check_count_and_strength(unverified, tuple(images), strength)
+            check_count_and_strength(unverified, tuple(images), strength, mask)
             check_images(unverified, [read_image(p) for p in images])
             from app.runtime.loras import check_choices
 
@@ -100,7 +105,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
     for path, s in zip(output_paths(out, seed, count), range(seed, seed + count)):
         req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps,
                                 guidance=guidance, width=width, height=height, images=tuple(map(str, images)),
-                                strength=strength, loras=tuple(loras))
+                                strength=strength, loras=tuple(loras), mask=str(mask) if mask else None)
         if step_bar is None:
             result = pipe.generate(req)
         else:

@@ -37,33 +37,48 @@ class InputImage:
                 "width": w, "height": h}
 
 
-def read_image(path: str | Path) -> InputImage:
+def read_image(path: str | Path, option: str = "--image") -> InputImage:
     """One image file as diffusers.utils.load_image reads it; UsageError (one line) when it is not one."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--image {p}: no such file; check the path")
+        raise UsageError(f"{option} {p}: no such file; check the path")
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise UsageError(f"--image {p}: cannot be read ({e.strerror or e}); check its permissions") from None
+        raise UsageError(f"{option} {p}: cannot be read ({e.strerror or e}); check its permissions") from None
     try:
         im = Image.open(io.BytesIO(data))
         im = ImageOps.exif_transpose(im).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise UsageError(f"--image {p}: not an image PIL can read (PNG, JPEG, WebP, ...); convert it first") from None
+        raise UsageError(f"{option} {p}: not an image PIL can read (PNG, JPEG, WebP, ...); convert it first") from None
     return InputImage(str(p), p.name, hashlib.sha256(data).hexdigest(), im)
 
 
-def check_count_and_strength(bundle, images: tuple, strength: float | None) -> None:
+# Flux2KleinInpaintPipeline: the image inpainted plus at most one image_reference (several references it stacks at
+# the first one's size, a rule edgegen's per-reference sizes do not follow), and its default strength.
+MAX_INPAINT_IMAGES, INPAINT_STRENGTH = 2, 0.8
+
+
+def check_count_and_strength(bundle, images: tuple, strength: float | None, mask=None) -> None:
     """The checks that need only the bundle's manifest: no model work, no image read."""
     family = bundle.manifest["family"]
     pipe = bundle.manifest["pipeline"]
+    if mask is not None:
+        if family != "flux2-klein":
+            raise UsageError("--mask is FLUX.2 Klein inpainting; for SD3.5 use --image with --strength "
+                             "(image-to-image)")
+        if not images:
+            raise UsageError("--mask needs the image to inpaint: add --image FILE (the first --image is inpainted, "
+                             "a second one is a reference)")
+        if len(images) > MAX_INPAINT_IMAGES:
+            raise UsageError(f"{len(images)} --image given with --mask; inpainting takes the image and at most one "
+                             "reference, as diffusers' Flux2KleinInpaintPipeline")
     if strength is not None:
-        if family != "sd3.5":
-            raise UsageError("--strength applies to SD3.5 image-to-image only; FLUX.2 Klein uses --image as "
-                             "references without a strength")
+        if family != "sd3.5" and mask is None:
+            raise UsageError("--strength applies to SD3.5 image-to-image and FLUX.2 Klein inpainting (--mask); "
+                             "FLUX.2 Klein uses --image as references without a strength")
         if not images:
             raise UsageError("--strength needs an init image: add --image FILE")
         check_strength(strength)

@@ -43,7 +43,10 @@ class GenerationRequest:
     # Images as input (bundles with the VAE encoder): FLUX.2 Klein references, or SD3.5's one init image. File
     # paths, read on the host in prepare; with images, the size defaults to the (first) image's.
     images: tuple[str, ...] = ()
-    strength: float | None = None  # SD3.5 image-to-image only; None: diffusers' default 0.6
+    strength: float | None = None  # SD3.5 image-to-image (default 0.6), FLUX.2 Klein inpainting (default 0.8)
+    # FLUX.2 Klein inpainting (Flux2KleinInpaintPipeline): a mask file, white = repaint; the first image is the one
+    # inpainted, the rest are references
+    mask: str | None = None
     # Run-time LoRAs from the site library, (name, strength) each (bundles exported with --runtime-lora)
     loras: tuple[tuple[str, float], ...] = ()
 
@@ -60,6 +63,7 @@ class GenerationResult:
     references: list[dict] = field(default_factory=list)  # name, sha256, path, size of each input image
     loras: list[dict] = field(default_factory=list)  # name, strength, sha256, rank, signature of each LoRA
     notes: list[str] = field(default_factory=list)  # status lines: what preprocessing did (a reference scaled)
+    mask: dict | None = None  # name, sha256, path, size of the inpainting mask
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Job:
     lora: dict = field(default_factory=dict)  # CPU side-branch inputs of a run-time LoRA bundle (app/runtime/loras)
     loras: list[dict] = field(default_factory=list)  # what the metadata records about each LoRA
     notes: list[str] = field(default_factory=list)  # status lines for the result (GenerationResult.notes)
+    mask: object | None = None  # the inpainting mask as read (references.InputImage), prepared by the family
 
 
 class Pipeline:
@@ -180,16 +185,17 @@ class Pipeline:
         from app.runtime.loras import lora_inputs
         from app.runtime.references import check_count_and_strength, read_image
 
-        check_count_and_strength(self.bundle, tuple(req.images), req.strength)
+        check_count_and_strength(self.bundle, tuple(req.images), req.strength, req.mask)
         lora, loras = lora_inputs(self.bundle.manifest, req.loras, self.lora_library, f"bundle {self.bundle.root}")
         inputs = [read_image(p) for p in req.images]
+        mask = read_image(req.mask, "--mask") if req.mask else None
         req = self.resolve(req, self.image_size(req, inputs) if inputs else None)
         self.warnings = []
         tokens = self.tokenize(req)
         noise, state = self.initial_noise(req)
         timesteps, sigmas = self.schedule(req, state)
         job = Job(req, tokens, noise, timesteps, sigmas, state, list(self.warnings),
-                  references=[i.record() for i in inputs], lora=lora, loras=loras)
+                  references=[i.record() for i in inputs], lora=lora, loras=loras, mask=mask)
         if inputs:
             self.prepare_images(job, inputs)
         return job
@@ -229,6 +235,8 @@ class Pipeline:
             if previews is not None:  # flow matching's denoised estimate at this step, x0 = x_t - sigma_t * v
                 x0 = latents - float(np.float32(job.sigmas[i])) * pred
             latents = latents + dt * pred
+            if "mask" in state:  # inpainting: what the mask keeps is the init image at the next noise level
+                latents = self.keep_unmasked(latents, i, job, state)
             if on_step is not None:
                 on_step(i + 1, n)
             if previews is not None:
@@ -244,6 +252,17 @@ class Pipeline:
             self.release(("vae_decoder",))
         timings["decode"] = time.perf_counter() - t2
         return image
+
+    def keep_unmasked(self, latents: torch.Tensor, i: int, job: Job, state: dict) -> torch.Tensor:
+        """Flux2KleinInpaintPipeline's blend after step i: the init latents noised to the next step's sigma
+        (FlowMatchEulerDiscreteScheduler.scale_noise with the request's one noise; clean after the last step)
+        where the mask keeps, the denoised latents where it repaints (mask 1)."""
+        init = state["init_latents"]
+        if i + 1 < len(job.timesteps):
+            sigma = np.float32(job.sigmas[i + 1])
+            init = float(sigma) * state["noise"] + float(np.float32(1.0) - sigma) * init
+        mask = state["mask"]
+        return (1 - mask) * init + mask * latents
 
     def previews(self):
         """This bundle's latent -> RGB preview map (app/runtime/previews.py), fitted from its decoder on first use."""
@@ -285,7 +304,8 @@ class Pipeline:
             raise self._gpu_failure(e, job.req, timings) from None
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings),
-                                references=list(job.references), loras=list(job.loras), notes=list(job.notes))
+                                references=list(job.references), loras=list(job.loras), notes=list(job.notes),
+                                mask=job.mask.record() if job.mask is not None else None)
 
     def _gpu_failure(self, exc: BaseException, req: GenerationRequest, timings: dict):
         """A GPU failure as one sentence with the numbers: the plan's peak for this size and NVML's free bytes."""

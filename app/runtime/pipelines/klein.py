@@ -79,7 +79,19 @@ class KleinPipeline(Pipeline):
         if getattr(self._scheduler.config, "use_flow_sigmas", False):
             sigmas = None
         mu = compute_empirical_mu(image_seq_len=state["h"] * state["w"], num_steps=req.steps)
-        return self.host_schedule(req.steps, sigmas=sigmas, mu=mu)
+        timesteps, sigmas = self.host_schedule(req.steps, sigmas=sigmas, mu=mu)
+        if req.mask:  # Flux2KleinInpaintPipeline.get_timesteps: strength cuts the start (mu from the full count)
+            start = int(max(req.steps - min(req.steps * req.strength, req.steps), 0))
+            timesteps, sigmas = timesteps[start:], sigmas[start:]
+        return timesteps, sigmas
+
+    def resolve(self, req, size=None):
+        from dataclasses import replace
+
+        from app.runtime.references import INPAINT_STRENGTH
+
+        req = super().resolve(req, size)
+        return replace(req, strength=INPAINT_STRENGTH) if req.mask and req.strength is None else req
 
     # ----- references: Flux2KleinPipeline's image= path --------------------------------------------------------
     def image_size(self, req, inputs):
@@ -99,7 +111,11 @@ class KleinPipeline(Pipeline):
         m = pipeline["vae_scale_factor"] * 2
         processor = Flux2ImageProcessor(vae_scale_factor=m)
         grids = []
-        for ref, record in zip(inputs, job.references):
+        if job.mask is not None:  # inpainting: the first image is the one inpainted, stretched to the output size
+            self.prepare_inpaint(job, inputs[0], processor)
+            grids.append((job.req.height // m, job.req.width // m))
+            inputs = inputs[1:]
+        for ref, record in zip(inputs, job.references[len(grids):]):
             w, h = reference_size(ref.size, pipeline, largest)
             check_reference_size(ref, w, h, pipeline)
             img, to = ref.image, scaled_size(ref.size, pipeline, largest)
@@ -111,13 +127,50 @@ class KleinPipeline(Pipeline):
             grids.append((h // m, w // m))
         job.state["ref_grids"] = grids
 
+    def prepare_inpaint(self, job: Job, init, processor) -> None:
+        """Flux2KleinInpaintPipeline's preprocessing: the image scaled as a reference (1 MP, or the bundle's side)
+        then stretched (LANCZOS) to the output size; the mask resized from its own size (LANCZOS), grey, binarised
+        at 0.5, then bilinear to the token grid and packed (1, h*w, 1): 1 repaints."""
+        import torch.nn.functional as F
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+        from PIL import Image
+
+        from app.runtime.references import scaled_size, scaling_note
+
+        pipeline, largest = self.bundle.manifest["pipeline"], self.bundle.manifest["size_range"]["max"]
+        W, H = job.req.width, job.req.height
+        img, to = init.image, scaled_size(init.size, pipeline, largest)
+        if to is not None:
+            img = img.resize(to, Image.Resampling.LANCZOS)
+            job.notes.append(scaling_note(init.name, init.size, pipeline, largest))
+        job.images.append(processor.preprocess(img, height=H, width=W, resize_mode="default").float())
+        masks = Flux2ImageProcessor(vae_scale_factor=processor.config.vae_scale_factor, do_normalize=False,
+                                    do_binarize=True, do_convert_rgb=False, do_convert_grayscale=True)
+        mask = masks.preprocess(job.mask.image, height=H, width=W, resize_mode="default").float()
+        h, w = job.state["h"], job.state["w"]
+        grid = F.interpolate(mask, size=(h, w), mode="bilinear")
+        job.state["mask"] = grid.reshape(1, 1, h * w).permute(0, 2, 1)
+
     def encode_images(self, job: Job, state: dict) -> dict:
-        """Each reference through the VAE encoder on the device, packed and concatenated (N_ref tokens, C)."""
+        """Each reference through the VAE encoder on the device, packed and concatenated (N_ref tokens, C).
+        Inpainting: the image inpainted is the first of them (its clean latents condition every step, as
+        Flux2KleinInpaintPipeline feeds them) and the init latents the mask keeps."""
         packed = []
         for image in job.images:
             lat = self.run_vae_encoder({"image": image})  # (1, C, h, w), normalised, owned
             packed.append(lat.reshape(1, lat.shape[1], -1).permute(0, 2, 1))
-        return {**state, "ref_tokens": torch.cat(packed, dim=1)}
+        state = {**state, "ref_tokens": torch.cat(packed, dim=1)}
+        if job.mask is not None:
+            state["init_latents"] = packed[0]
+        return state
+
+    def initial_latents(self, job: Job, state: dict) -> torch.Tensor:
+        noise = self.to_device(job.noise)
+        if "init_latents" not in state:
+            return noise
+        state["noise"] = noise  # keep_unmasked noises the init latents with it after every step
+        sigma = np.float32(job.sigmas[0])  # scale_noise at the first kept step
+        return float(sigma) * noise + float(np.float32(1.0) - sigma) * state["init_latents"]
 
     def device_state(self, job: Job) -> dict:
         h, w = job.state["h"], job.state["w"]
@@ -126,7 +179,10 @@ class KleinPipeline(Pipeline):
         ids = latent_ids(batch, h, w)
         if job.state.get("ref_grids"):  # reference ids follow the noisy tokens' ids, as the tokens do
             ids = torch.cat([ids, reference_ids(batch, job.state["ref_grids"])], dim=1)
-        return {**job.state, "batch": batch,
+        state = {k: v for k, v in job.state.items() if k != "mask"}
+        if "mask" in job.state:
+            state["mask"] = self.to_device(job.state["mask"])
+        return {**state, "batch": batch,
                 "img_ids": self.to_device(ids),
                 "txt_ids": self.to_device(text_ids(batch, length))}
 
