@@ -29,7 +29,8 @@ CLASSIC = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "Empt
            "VAEDecode", "SaveImage", "LoraLoader", "LoraLoaderModelOnly")
 NATIVE = ("UNETLoader", "CLIPLoader", "VAELoader", "ConditioningZeroOut", "EmptyFlux2LatentImage",
           "Flux2Scheduler", "RandomNoise", "KSamplerSelect", "CFGGuider", "BasicGuider", "SamplerCustomAdvanced",
-          "LoadImage", "ImageScaleToTotalPixels", "GetImageSize", "VAEEncode", "ReferenceLatent")
+          "LoadImage", "ImageScaleToTotalPixels", "GetImageSize", "VAEEncode", "ReferenceLatent", "LoadImageMask",
+          "SetLatentNoiseMask")
 PRIMITIVES = ("PrimitiveInt", "PrimitiveFloat", "PrimitiveString", "PrimitiveStringMultiline", "PrimitiveBoolean")
 NODES = CLASSIC + NATIVE + PRIMITIVES
 # What to use instead, for nodes users reach for that edgegen does not run (one line each).
@@ -40,8 +41,8 @@ INSTEAD = {
     "FluxKVCache": "the FLUX.2 Klein KV-cache variant is not in edgegen yet; the same edit runs without it",
     "UpscaleModelLoader": "upscalers are not in edgegen yet; save the image and upscale it outside",
     "ImageUpscaleWithModel": "upscalers are not in edgegen yet; save the image and upscale it outside",
-    "SetLatentNoiseMask": "inpainting is not in edgegen yet",
-    "VAEEncodeForInpaint": "inpainting is not in edgegen yet",
+    "VAEEncodeForInpaint": "FLUX.2 Klein inpainting: VAEEncode -> SetLatentNoiseMask (with LoadImage's MASK or "
+                           "LoadImageMask) into the sampler's latent_image",
     "KSamplerAdvanced": "use KSampler, or SamplerCustomAdvanced with RandomNoise / CFGGuider / Flux2Scheduler",
     "PreviewImage": "use SaveImage (edgegen saves every image it makes)",
     "FluxGuidance": "FLUX.2 Klein has no guidance embedding; use CFGGuider's cfg",
@@ -130,6 +131,25 @@ class Encoded:
 
 
 @dataclass(frozen=True)
+class Mask:
+    """An inpainting mask read from an input-folder image: ComfyUI's LoadImage MASK (1 - alpha) or LoadImageMask's
+    channel ("alpha" inverted, as ComfyUI does, or "red" / "green" / "blue"); 1 repaints."""
+
+    node: str
+    path: str
+    channel: str = "alpha"
+
+
+@dataclass(frozen=True)
+class Masked:
+    """SetLatentNoiseMask: an encoded image with the mask the sampler repaints (FLUX.2 Klein inpainting)."""
+
+    node: str
+    encoded: Encoded
+    mask: Mask
+
+
+@dataclass(frozen=True)
 class Noise:
     node: str
     seed: int
@@ -180,7 +200,7 @@ class Decoded:
 
 
 TYPE_NAMES = {Model: "MODEL", Clip: "CLIP", Vae: "VAE", Picture: "IMAGE", Cond: "CONDITIONING",
-              Empty: "LATENT", Encoded: "LATENT", Sampled: "LATENT", Noise: "NOISE", SamplerChoice: "SAMPLER",
+              Empty: "LATENT", Encoded: "LATENT", Sampled: "LATENT", Mask: "MASK", Masked: "LATENT", Noise: "NOISE", SamplerChoice: "SAMPLER",
               Sigmas: "SIGMAS", Guider: "GUIDER", Decoded: "IMAGE"}
 
 
@@ -377,7 +397,27 @@ def _load_image(ev: Evaluator, node):
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise Bad(node, f"Image {name} is not an image PIL can read", "upload a PNG, JPEG or WebP",
                   input_name="image") from None
-    return Picture(node, str(path), size), None  # MASK: edgegen has no inpainting yet
+    return Picture(node, str(path), size), Mask(node, str(path))
+
+
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
+
+
+def _load_image_mask(ev: Evaluator, node):
+    pic, _ = _load_image(ev, node)
+    channel = ev.arg(node, "channel", str, default="alpha")
+    if channel not in MASK_CHANNELS:
+        raise Bad(node, f"channel {channel!r} is not one of {', '.join(MASK_CHANNELS)}", input_name="channel")
+    return (Mask(node, pic.path, channel),)
+
+
+def _noise_mask(ev: Evaluator, node):
+    latent = ev.arg(node, "samples", (Encoded, Empty, Sampled, Masked))
+    if not isinstance(latent, Encoded):
+        raise Bad(node, "SetLatentNoiseMask's samples must be a VAEEncode of an input image",
+                  "FLUX.2 Klein inpaints an image: LoadImage -> VAEEncode -> SetLatentNoiseMask", "bad_linked_input",
+                  "samples")
+    return (Masked(node, latent, ev.arg(node, "mask", Mask)),)
 
 
 def scaled_size(size: tuple[int, int], megapixels: float, steps: int) -> tuple[int, int]:
@@ -461,7 +501,7 @@ def _custom_advanced(ev: Evaluator, node):
     guider = ev.arg(node, "guider", Guider)
     ev.arg(node, "sampler", SamplerChoice)
     sigmas = ev.arg(node, "sigmas", Sigmas)
-    latent = ev.arg(node, "latent_image", (Empty, Encoded, Sampled))
+    latent = ev.arg(node, "latent_image", (Empty, Encoded, Sampled, Masked))
     s = Sampled(node, guider.model, guider.positive, guider.negative, latent, noise.seed, sigmas.steps, guider.cfg,
                 sigmas=sigmas)
     return s, replace(s, node=f"{node}#denoised")
@@ -479,7 +519,7 @@ def _ksampler(ev: Evaluator, node):
         ev.notes.append(f"KSampler scheduler '{sched}' runs as the bundle's own flow-matching schedule "
                         "(as edgegen generate)")
     s = Sampled(node, ev.arg(node, "model", Model), ev.arg(node, "positive", Cond), ev.arg(node, "negative", Cond),
-                ev.arg(node, "latent_image", (Empty, Encoded, Sampled)), ev.arg(node, "seed", int),
+                ev.arg(node, "latent_image", (Empty, Encoded, Sampled, Masked)), ev.arg(node, "seed", int),
                 ev.arg(node, "steps", int), ev.arg(node, "cfg", float), ev.arg(node, "denoise", float, default=1.0))
     return (s,)
 
@@ -510,6 +550,7 @@ HANDLERS = {
     "EmptyLatentImage": _empty, "EmptySD3LatentImage": _empty, "EmptyFlux2LatentImage": _empty,
     "RandomNoise": _noise, "KSamplerSelect": _sampler_select, "Flux2Scheduler": _flux2_scheduler,
     "CFGGuider": _cfg_guider, "BasicGuider": _basic_guider, "SamplerCustomAdvanced": _custom_advanced,
-    "KSampler": _ksampler, "VAEDecode": _decode, "SaveImage": _save,
+    "KSampler": _ksampler, "VAEDecode": _decode, "SaveImage": _save, "LoadImageMask": _load_image_mask,
+    "SetLatentNoiseMask": _noise_mask,
     **{p: _primitive for p in PRIMITIVES},
 }

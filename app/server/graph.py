@@ -56,6 +56,8 @@ class Task:
     references: tuple[str, ...] = ()  # absolute paths of uploaded reference images
     # per reference: None, or [method, width, height] to scale it to first (ComfyUI's ImageScaleToTotalPixels)
     reference_scales: tuple = ()
+    # FLUX.2 Klein inpainting (SetLatentNoiseMask): [image path, channel] the worker turns into a mask file
+    mask: tuple | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,7 +67,8 @@ class Task:
         return cls(node=d["node"], sampler_node=d["sampler_node"], bundle_dir=d["bundle_dir"],
                    requests=tuple(d["requests"]), filename_prefix=d["filename_prefix"],
                    references=tuple(d.get("references", ())),
-                   reference_scales=tuple(d.get("reference_scales", ())))
+                   reference_scales=tuple(d.get("reference_scales", ())),
+                   mask=tuple(d["mask"]) if d.get("mask") else None)
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,7 @@ def _link(graph, node, name, want: tuple[str, ...]) -> tuple[str, int]:
 # ----- ComfyUI's node sets (app/server/comfy.py evaluates them) ----------------------------------------------
 
 def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliases: dict) -> tuple[Task, list[str]]:
-    from app.server.comfy import Bad, Decoded, Empty, Encoded, Evaluator
+    from app.server.comfy import Bad, Decoded, Empty, Encoded, Evaluator, Masked
 
     ev = Evaluator(graph, bundles, input_dir, aliases)
     prefix = _prefix(graph, save)
@@ -295,8 +298,19 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliase
     if s.sigmas is not None and family != "flux2-klein":
         raise _Bad(s.sigmas.node, "Flux2Scheduler is FLUX.2 Klein's schedule", f"bundle {bundle.name} is {family}: "
                    "use KSampler")
-    latent, images, strength = s.latent, [], None
-    if isinstance(latent, Empty):
+    latent, images, strength, mask = s.latent, [], None, None
+    if isinstance(latent, Masked):
+        same_bundle(latent.node, "VAEEncode's vae", latent.encoded.vae.bundle)
+        if family != "flux2-klein":
+            raise _Bad(latent.node, f"Inpainting (SetLatentNoiseMask) is FLUX.2 Klein's; bundle {bundle.name} is "
+                       f"{family}", "for SD3.5 feed VAEEncode to KSampler's latent_image with denoise < 1")
+        if not 0 < s.denoise <= 1:
+            raise _Bad(s.node, f"denoise {s.denoise:g} must be above 0 and at most 1", "it is generate --strength")
+        # diffusers' Flux2KleinInpaintPipeline conditions on the image inpainted itself, then the references
+        images, strength, mask = [latent.encoded.picture], s.denoise, [latent.mask.path, latent.mask.channel]
+        (width, height), count, computed = latent.encoded.picture.size, 1, True
+        latent = latent.encoded
+    elif isinstance(latent, Empty):
         if graph[latent.node]["class_type"] == "EmptyFlux2LatentImage" and family != "flux2-klein":
             raise _Bad(latent.node, "EmptyFlux2LatentImage is FLUX.2 Klein's", "use EmptySD3LatentImage")
         if s.denoise < 1 - 1e-6:
@@ -339,19 +353,21 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliase
     _check_seed(seed_node, s.seed)
     _check_count(size_node, count)
     _check_steps(s.sigmas.node if s.sigmas else s.node, s.steps)
-    pictures = [r.picture for r in refs] + images
+    pictures = images + [r.picture for r in refs] if mask else [r.picture for r in refs] + images
     if refs:
         _check_reference_sizes(refs, manifest)
     extra = {"loras": [list(c) for c in runtime]} if runtime else {}
     if strength is not None:
         extra["strength"] = strength
     if pictures:
-        _check_images(refs[0].node if refs else s.node, bundle.path, tuple(p.path for p in pictures), strength)
+        _check_images(refs[0].node if refs else s.node, bundle.path, tuple(p.path for p in pictures), strength,
+                      mask is not None)
     reqs = tuple(dict(_request(s.positive.text, negative, s.seed + i, s.steps, s.cfg, width, height), **extra)
                  for i in range(count))
     sampler = s.node.split("#")[0]
     return (Task(save, sampler, str(bundle.path), reqs, prefix, tuple(p.path for p in pictures),
-                 tuple(list(p.scale) if p.scale else None for p in pictures)), ev.notes)
+                 tuple(list(p.scale) if p.scale else None for p in pictures), tuple(mask) if mask else None),
+            ev.notes)
 
 
 def _seed_node(graph, s) -> str:
@@ -482,7 +498,7 @@ def _compact_loras(graph, node) -> list[tuple[str, float]]:
         raise _Bad(node, "A LoRA choice is not valid", str(e)) from None
 
 
-def _check_images(node, bundle_dir: Path, images: tuple[str, ...], strength) -> None:
+def _check_images(node, bundle_dir: Path, images: tuple[str, ...], strength, mask: bool = False) -> None:
     """The runtime's own check (reference count, encoder present, strength range) from the manifest alone."""
     from app.errors import EdgegenError
 
@@ -493,7 +509,7 @@ def _check_images(node, bundle_dir: Path, images: tuple[str, ...], strength) -> 
     from app.bundle.manifest import load_bundle
 
     try:
-        check_count_and_strength(load_bundle(bundle_dir, verify=False), images, strength)
+        check_count_and_strength(load_bundle(bundle_dir, verify=False), images, strength, True if mask else None)
     except EdgegenError as e:
         raise _Bad(node, "These input images cannot be used with this bundle", str(e)) from None
 

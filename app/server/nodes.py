@@ -145,6 +145,15 @@ def object_info(bundles: list[str], loras: list[str], images: list[str] = (), al
         _node("VAEEncode", {"pixels": ["IMAGE"], "vae": ["VAE"]}, [("LATENT", "LATENT")], "latent",
               "A reference (FLUX.2 Klein) or init image (SD3.5), encoded by the bundle's VAE encoder.",
               display="VAE Encode"),
+        _node("LoadImageMask", {"image": [images, {"image_upload": True}],
+                                "channel": ["COMBO", {"multiselect": False, "options": ["alpha", "red", "green",
+                                                                                        "blue"]}]},
+              [("MASK", "MASK")], "mask", "A mask from an input-folder image's channel (alpha inverted, as "
+              "ComfyUI's); 1 repaints.", display="Load Image (as Mask)"),
+        _node("SetLatentNoiseMask", {"samples": ["LATENT"], "mask": ["MASK"]}, [("LATENT", "LATENT")],
+              "latent/inpaint", "FLUX.2 Klein inpainting: the sampler repaints where the mask is 1, as "
+              "edgegen generate --mask (diffusers' Flux2KleinInpaintPipeline; denoise is --strength).",
+              display="Set Latent Noise Mask"),
         _node("ReferenceLatent", {"conditioning": ["CONDITIONING", {}]}, [("CONDITIONING", "CONDITIONING")],
               "advanced/conditioning/edit_models", "Adds a reference image (FLUX.2 Klein editing).",
               optional={"latent": ["LATENT", {}]}, display="ReferenceLatent"),

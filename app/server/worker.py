@@ -186,6 +186,8 @@ class Worker(threading.Thread):
         subfolder, base = _split_prefix(task.filename_prefix)
         images = []
         scaled = self._scaled_references(task)
+        mask = {"mask": str(mask_file(Path(task.mask[0]), task.mask[1], self.config.input_dir / ".masks"))} \
+            if task.mask else {}
         for idx, fields in enumerate(task.requests):
             filename = f"{base}_{job.number:05d}_{job.id[:8]}_{offset + idx:02d}.png"
             entry = {"filename": filename, "subfolder": subfolder, "type": "output"}
@@ -195,7 +197,7 @@ class Worker(threading.Thread):
                 continue
             if cancel.is_set():
                 raise GenerationCancelled("interrupted")
-            extra = {"images": scaled} if scaled else {}
+            extra = {"images": scaled, **mask} if scaled else {}
             req = GenerationRequest(**fields, **extra)
 
             def on_step(step: int, total: int, idx=idx) -> None:
@@ -315,6 +317,37 @@ def scale_image(src: Path, method: str, width: int, height: int, folder: Path) -
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def mask_file(src: Path, channel: str, folder: Path) -> Path:
+    """ComfyUI's mask of an input image as a mask file generate --mask reads (white repaints), written once per
+    content and channel: LoadImage's MASK and LoadImageMask "alpha" are 1 - alpha (ComfyUI's LoadImage: a
+    64x64 zero mask when the image has no alpha), LoadImageMask "red"/"green"/"blue" the channel itself."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from app.bundle.files import atomic_write_bytes
+
+    data = src.read_bytes()
+    digest = hashlib.sha256(data + channel.encode()).hexdigest()[:24]
+    out = folder / f"{src.stem}_mask_{channel}_{digest}.png"
+    if out.is_file():
+        return out
+    im = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if channel == "alpha":
+        if "A" in im.getbands():
+            mask = 255 - np.asarray(im.getchannel("A"), dtype=np.uint8)
+        else:
+            mask = np.zeros((64, 64), dtype=np.uint8)
+    else:
+        mask = np.asarray(im.convert("RGBA").getchannel(channel[0].upper()), dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")  # 2-D uint8: mode L
     atomic_write_bytes(out, buf.getvalue())
     return out
 
