@@ -46,7 +46,8 @@ class FormValues:
     count: int
     backend: str
     images: tuple[str, ...] = ()  # Klein references / SD3.5 init image, in order
-    strength: float | None = None  # SD3.5 image-to-image only
+    strength: float | None = None  # SD3.5 image-to-image, FLUX.2 Klein inpainting
+    mask: str | None = None  # FLUX.2 Klein inpainting: the painted mask of the first image
     loras: tuple[tuple[str, float], ...] = ()  # run-time LoRAs from the library: (name, strength)
 
 
@@ -220,6 +221,7 @@ class GenerationForm(QWidget):
             width=self.width_box.value(), height=self.height_box.value(), count=self.count.value(),
             backend=self.backend.currentText(), images=tuple(str(p) for p in self.references.paths()),
             strength=self.references.strength_value(), loras=self.loras.values(),
+            mask=str(self.references.mask_path) if self.references.mask_path else None,
         )
 
     def seeds(self) -> list[int]:
@@ -254,12 +256,14 @@ class GenerationForm(QWidget):
         found, missing = find_inputs(meta.get("references") or [], near)
         self.references.set_paths(found)
         self._first_reference = str(found[0]) if found else None  # keep the recorded size, not the image's
+        masks, missing_mask = find_inputs([meta["mask"]], near) if meta.get("mask") else ([], [])
+        self.references.set_mask(masks[0] if masks and found else None)
         if meta.get("strength") is not None:
             self.references.set_strength(float(meta["strength"]))
         if "width" in meta and "height" in meta:
             self.set_size(int(meta["width"]), int(meta["height"]))
         self.count.setValue(1)
-        return missing + self.loras.apply(meta.get("loras") or [])
+        return missing + missing_mask + self.loras.apply(meta.get("loras") or [])
 
     def _references_changed(self) -> None:
         """A new first Klein reference sets the size, as the CLI defaults it (diffusers' preprocessing)."""

@@ -50,6 +50,9 @@ class ReferenceStrip(QWidget):
         super().__init__(parent)
         self.max_images = 0
         self.family = ""
+        self.mask_dir: Path | None = None  # where painted masks are saved (the app's data folder)
+        self.mask_path: Path | None = None  # FLUX.2 Klein inpainting: the mask of the first image
+        self._mask_for: Path | None = None
         self.title = QLabel("Reference images", objectName="referenceTitle")
         self.list = QListWidget(objectName="referenceList")
         self.list.setViewMode(QListView.ViewMode.IconMode)
@@ -60,13 +63,20 @@ class ReferenceStrip(QWidget):
         self.list.setMovement(QListView.Movement.Snap)
         self.list.setDragDropMode(QAbstractItemView.DragDropMode.InternalMove)  # reorder by dragging
         self.list.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.list.model().rowsMoved.connect(lambda *_: self.changed.emit())
+        self.list.model().rowsMoved.connect(lambda *_: (self._update(), self.changed.emit()))
         self.add_button = QPushButton("Add…", objectName="referenceAdd")
         self.remove_button = QPushButton("Remove", objectName="referenceRemove")
         self.left_button = QPushButton("◀", objectName="referenceLeft", toolTip="Move earlier (the first sets the size)")
         self.right_button = QPushButton("▶", objectName="referenceRight", toolTip="Move later")
+        self.mask_button = QPushButton("Mask…", objectName="referenceMask",
+                                       toolTip="FLUX.2 Klein inpainting: paint what to redraw on the first image")
+        self.unmask_button = QPushButton("No mask", objectName="referenceUnmask",
+                                         toolTip="Drop the mask: the images are references again")
+        self.mask_button.clicked.connect(self.edit_mask)
+        self.unmask_button.clicked.connect(lambda: self.set_mask(None))
         buttons = QHBoxLayout()
-        for b in (self.add_button, self.remove_button, self.left_button, self.right_button):
+        for b in (self.add_button, self.remove_button, self.left_button, self.right_button, self.mask_button,
+                  self.unmask_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
         self.hint = QLabel(objectName="referenceHint", wordWrap=True)
@@ -106,7 +116,8 @@ class ReferenceStrip(QWidget):
         self.family, self.max_images = family, max_images
         sd3 = family == "sd3.5"
         self.title.setText("Init image (image-to-image)" if sd3 else "Reference images")
-        self.strength_row.setVisible(sd3 and max_images > 0)
+        if family != "flux2-klein":
+            self.mask_path = self._mask_for = None
         if missing_encoder_hint:
             self.hint.setText(f"This model was exported without the VAE encoder, so it cannot take images. "
                               f"Re-export it with: {missing_encoder_hint}")
@@ -126,7 +137,48 @@ class ReferenceStrip(QWidget):
         return [Path(self.list.item(i).data(Qt.ItemDataRole.UserRole)) for i in range(self.list.count())]
 
     def strength_value(self) -> float | None:
-        return self.strength.value() / 100 if self.family == "sd3.5" and self.list.count() else None
+        used = (self.family == "sd3.5" and self.list.count()) or self.mask_path is not None
+        return self.strength.value() / 100 if used else None
+
+    # ----- inpainting mask (FLUX.2 Klein) --------------------------------------------------------------
+    def set_mask(self, path: Path | None) -> None:
+        """The first image's inpainting mask (white repaints), or None: the images are references."""
+        from app.runtime.references import INPAINT_STRENGTH
+
+        first = self.paths()[0] if self.list.count() else None
+        if path is not None and self.mask_path is None:
+            self.set_strength(INPAINT_STRENGTH)  # diffusers' Flux2KleinInpaintPipeline default
+        self.mask_path = Path(path) if path is not None and first is not None else None
+        self._mask_for = first if self.mask_path else None
+        self._update()
+        self.changed.emit()
+
+    def edit_mask(self) -> bool:
+        """Open the painter on the first image; OK saves the mask (atomic, by content) and uses it."""
+        from app.ui.maskpaint import MaskDialog
+
+        if not self.list.count():
+            return False
+        dialog = MaskDialog(self.paths()[0], self.mask_path, self)
+        if dialog.exec() != MaskDialog.DialogCode.Accepted:
+            return False
+        return self.keep_mask(dialog.canvas.png())
+
+    def keep_mask(self, png: bytes) -> bool:
+        import hashlib
+
+        from app.bundle.files import atomic_write_bytes
+
+        folder = self.mask_dir or Path.home() / ".edgegen-masks"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"mask-{hashlib.sha256(png).hexdigest()[:16]}.png"
+            atomic_write_bytes(path, png)
+        except OSError as e:
+            self.problem.emit(f"Could not save the mask in {folder}: {e.strerror or e}")
+            return False
+        self.set_mask(path)
+        return True
 
     def set_strength(self, value: float) -> None:
         self.strength.setValue(max(1, min(100, round(value * 100))))
@@ -200,6 +252,19 @@ class ReferenceStrip(QWidget):
         self.changed.emit()
 
     def _update(self) -> None:
+        first = self.paths()[0] if self.list.count() else None
+        if self.mask_path is not None and first != self._mask_for:  # the mask belongs to the image it was painted on
+            self.mask_path = self._mask_for = None
+        klein = self.family == "flux2-klein" and self.max_images > 0
+        self.mask_button.setVisible(klein)
+        self.mask_button.setEnabled(first is not None)
+        self.mask_button.setText("Edit mask…" if self.mask_path else "Mask…")
+        self.unmask_button.setVisible(klein and self.mask_path is not None)
+        self.strength_row.setVisible((self.family == "sd3.5" and self.max_images > 0) or self.mask_path is not None)
+        if klein and self.mask_path is not None:
+            self.title.setText(f"Inpainting {first.name} (red is redrawn); a second image is a reference")
+        elif klein:
+            self.title.setText("Reference images")
         n, enabled = self.list.count(), self.max_images > 0
         self.list.setEnabled(enabled)
         self.add_button.setEnabled(enabled and n < self.max_images)

@@ -64,6 +64,7 @@ class MainWindow(QMainWindow):
 
         self.picker = ModelPicker()
         self.form = GenerationForm()
+        self.form.references.mask_dir = self.paths.data_dir / "masks"  # painted inpainting masks
         self.form.output_folder.setText(str(self.settings.output_path))
         self.form.backend.setCurrentText(self.settings.backend)
         self.fit_label = QLabel(objectName="fitLabel", wordWrap=True)
@@ -284,7 +285,8 @@ class MainWindow(QMainWindow):
         jobs = [Job(bundle_dir=self.bundle.root, backend=v.backend, output_dir=self.settings.output_path,
                     request=GenerationRequest(prompt=v.prompt, negative_prompt=v.negative_prompt, seed=seed,
                                               steps=v.steps, guidance=v.guidance, width=v.width, height=v.height,
-                                              images=v.images, strength=v.strength, loras=v.loras))
+                                              images=v.images, strength=v.strength, loras=v.loras,
+                                              mask=v.mask))
                 for seed in self.form.seeds()]
         self.queue.enqueue(jobs)
         return jobs

@@ -180,3 +180,70 @@ def test_a_reference_larger_than_the_demo_bundle_is_scaled_in_the_app(rwindow, q
     assert f"reference photo.png 192x144 scaled to {w}x{h}" in rwindow.statusBar().currentMessage()
     assert not rwindow.banner.isVisible() or "scaled" not in rwindow.banner.text()
     form.references.clear()
+
+
+def test_inpainting_mask_painted_in_the_app_matches_diffusers(rwindow, qtbot, tmp_path, klein_model,
+                                                             klein_encoder_bundle):
+    """Brush, eraser, invert and clear on the first image; the painted mask drives Klein inpainting, which equals
+    diffusers' Flux2KleinInpaintPipeline with that mask file; reuse restores it; another first image drops it."""
+    from PySide6.QtCore import QPointF
+    from PySide6.QtTest import QTest
+
+    from app.ui.maskpaint import MaskDialog
+    from tests.test_inpaint import diffusers_inpaint
+
+    _select(rwindow, klein_encoder_bundle)
+    form, strip = rwindow.form, rwindow.form.references
+    strip.clear()
+    assert strip.mask_button.isVisibleTo(rwindow) and not strip.mask_button.isEnabled()
+    init = make_image(tmp_path / "photo.png", 80, 64, seed=12)
+    assert strip.add(init) and strip.mask_button.isEnabled() and not strip.strength_row.isVisibleTo(rwindow)
+
+    dialog = MaskDialog(init)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    qtbot.waitExposed(dialog)
+    canvas = dialog.canvas
+    ok = dialog.buttons.button(dialog.buttons.StandardButton.Ok)
+    assert canvas.mask.size() == canvas.image.size() and (canvas.image.width(), canvas.image.height()) == (80, 64)
+    assert canvas.painted_fraction() == 0 and not ok.isEnabled()
+    QTest.mouseClick(canvas, Qt.MouseButton.LeftButton, pos=canvas.to_widget(QPointF(40, 32)))  # a real click
+    assert canvas.mask.pixelColor(40, 32).value() == 255 and ok.isEnabled()
+    canvas.radius = 6
+    canvas.stroke(QPointF(20, 32), QPointF(60, 32))
+    painted = canvas.painted_fraction()
+    dialog.eraser.click()
+    canvas.stroke(QPointF(55, 32), QPointF(60, 32))
+    assert canvas.mask.pixelColor(58, 32).value() == 0 and canvas.painted_fraction() < painted
+    kept = canvas.painted_fraction()
+    dialog.invert.click()
+    assert abs(canvas.painted_fraction() - (1 - kept)) < 1e-9
+    dialog.clear.click()
+    assert canvas.painted_fraction() == 0 and not ok.isEnabled()
+    dialog.brush.click()
+    canvas.stroke(QPointF(25, 20), QPointF(50, 40))
+    assert strip.keep_mask(canvas.png())
+    mask = strip.mask_path
+    assert mask.parent == rwindow.paths.data_dir / "masks" and Image.open(mask).size == (80, 64)
+    assert strip.strength_row.isVisibleTo(rwindow) and form.values().strength == 0.8
+    assert form.values().mask == str(mask) and "Inpainting photo.png" in strip.title.text()
+
+    form.prompt.setPlainText("a red circle on a blue background")
+    form.random_seed.setChecked(False)
+    form.seed.setText("4")
+    form.steps.setValue(4)
+    with qtbot.waitSignal(rwindow.image_saved, timeout=IMAGE_MS) as saved:
+        rwindow.generate()
+    entry = rwindow.history.get(saved.args[0])
+    assert entry.meta["mask"]["name"] == mask.name and entry.meta["strength"] == 0.8
+    ours = np.asarray(Image.open(entry.path).convert("RGB"))
+    expect = diffusers_inpaint(klein_model, init, mask, 4, 0.8, 4, form.values().guidance)
+    assert psnr(ours, expect) >= 60
+
+    strip.set_mask(None)
+    assert form.values().mask is None and form.values().strength is None
+    rwindow.reuse_entry(entry)
+    assert strip.mask_path == mask and form.values().strength == 0.8
+    strip.set_paths([make_image(tmp_path / "other.png", 64, 64, seed=13)])  # the mask was painted on photo.png
+    assert strip.mask_path is None and not strip.unmask_button.isVisibleTo(rwindow)
+    strip.clear()
