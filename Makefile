@@ -28,7 +28,7 @@ install: $(STAMP)
 # bundles share (FP32 parts of an FP8 bundle, a config variant's unchanged text encoder) is traced to ONNX once
 # (export/cache.py, which tests/conftest.py turns on per run) and still checked in every export.
 test: $(STAMP)
-	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 out/tiny-random-klein/model_index.json: | $(STAMP)
 	@echo "assets/demo-model is missing: using a tiny RANDOM Klein-architecture model, which draws noise"

@@ -66,10 +66,10 @@ def test_klein_inpainting_reproduces_diffusers(case, size, blur, strength, steps
     value = psnr(ours, expect)
     print(f"klein inpainting {case}: PSNR {value:.1f} dB")
     assert value >= 60
-    # the mask matters: another mask (same seed, image, strength) gives another image
-    other = make_mask(tmp_path / "other.png", *size, (0.0, 0.0, 0.4, 0.4))
-    moved = diffusers_inpaint(model, init, other, 7, 0.8 if strength is None else strength, steps, guidance, ref)
-    assert psnr(ours, moved) < value - 15
+    if case == CASES[0][0]:  # the mask matters: another mask (same seed, image, strength) gives another image
+        other = make_mask(tmp_path / "other.png", *size, (0.0, 0.0, 0.4, 0.4))
+        moved = diffusers_inpaint(model, init, other, 7, 0.8, steps, guidance, ref)
+        assert psnr(ours, moved) < value - 15
     meta = read_metadata(tmp_path / "o.png")
     assert meta["mask"]["name"] == "mask.png"
     assert meta["mask"]["sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()

@@ -30,8 +30,9 @@ class RemoteResult:
     image: object
     meta: dict
     audit: dict
-    warnings: list
+    warnings: list  # the replica's status lines (GenerationResult.notes) first, then its warnings
     request: object
+    notes: tuple = ()  # already in `warnings`: the worker reports both the same way
 
 
 class _RemotePipeline:

@@ -109,7 +109,7 @@ class Replica:
             result = loaded.pipeline.generate(request, on_step=lambda s, t: events.put(("progress", s, t)),
                                               cancel=cancel)
             meta, audit = self._describe(loaded, result)
-            events.put(("done", result.image, meta, audit, list(result.warnings)))
+            events.put(("done", result.image, meta, audit, [*result.notes, *result.warnings]))
         except GenerationCancelled:
             events.put(("cancelled",))
         except EdgegenError as e:
