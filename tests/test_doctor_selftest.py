@@ -193,8 +193,9 @@ def test_selftest_covers_the_reference_image_case(tiny_refs, klein_encoder_bundl
     captured = capsys.readouterr()
     assert rc == 0, captured.out
     assert "references ref-0.png" in captured.err and "no VAE encoder" not in captured.out
+    assert "inpainting ref-1.png with mask-0.png" in captured.err  # INPAINT_REFERENCES: the mask path too
     shipped = json.loads((Path(__file__).parents[1] / "assets" / "demo-references" / "index.json").read_text())
-    assert any(r.get("images") for r in shipped)
+    assert any(r.get("images") for r in shipped) and any(r.get("mask") for r in shipped)
     # the same bundle without its encoder (manifest and files edited consistently; unsigned test bundle)
     from tests.conftest import without_encoder
 

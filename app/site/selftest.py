@@ -91,11 +91,13 @@ def run_candidate(bundle: Bundle, cand: Candidate, refs: list[dict], ref_dir: Pa
             if images and "vae_encoder" not in bundle.components():
                 skipped.append(r["file"])
                 continue
-            say(f"[{cand.label}] {i}/{len(refs)}: {r['prompt']} (seed {r['seed']}"
-                f"{', references ' + ', '.join(r['images']) if images else ''})")
+            mask = str(ref_dir / r["mask"]) if r.get("mask") else None  # inpainting cases
+            inputs = (f", inpainting {r['images'][0]} with {r['mask']}" if mask else
+                      f", references {', '.join(r['images'])}" if images else "")
+            say(f"[{cand.label}] {i}/{len(refs)}: {r['prompt']} (seed {r['seed']}{inputs})")
             req = GenerationRequest(prompt=r["prompt"], seed=int(r["seed"]), steps=int(r["steps"]),
                                     guidance=float(r["guidance"]), width=int(r["width"]), height=int(r["height"]),
-                                    images=images)
+                                    images=images, mask=mask, strength=r.get("strength"))
             got = pipe.generate(req, on_step=clock).image
             with Image.open(ref_dir / r["file"]) as im:
                 want = np.asarray(im.convert("RGB"))

@@ -18,6 +18,11 @@ REFERENCES = [
 IMAGE_REFERENCES = [
     ("a yellow square on a purple background, on the left", 5, ["ref-0.png"]),
 ]
+# Inpainting cases (Flux2KleinInpaintPipeline): prompt, seed, the image inpainted (already in the folder), the mask
+# file written here (a centred ellipse, white = repaint), strength. Same caveat: the path, not the quality.
+INPAINT_REFERENCES = [
+    ("a blue circle at the bottom of an orange background", 6, "ref-1.png", "mask-0.png", 0.8),
+]
 
 
 def write(model: Path, out: Path) -> list[dict]:
@@ -33,6 +38,7 @@ def write(model: Path, out: Path) -> list[dict]:
         index.append({"prompt": prompt, "seed": REFERENCES[i][1], "steps": d["steps"], "guidance": d["guidance"],
                       "width": d["width"], "height": d["height"], "file": name})
     index += write_image_cases(model, out, d, first=len(index))
+    index += write_inpaint_cases(model, out, d, first=len(index))
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 
@@ -55,6 +61,38 @@ def write_image_cases(model: Path, out: Path, d: dict, first: int) -> list[dict]
         image.save(out / name)
         rows.append({"prompt": prompt, "seed": seed, "steps": d["steps"], "guidance": d["guidance"],
                      "width": d["width"], "height": d["height"], "file": name, "images": list(inputs)})
+    return rows
+
+
+def write_mask(path: Path, width: int, height: int) -> None:
+    from PIL import Image, ImageDraw
+
+    m = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(m).ellipse([width // 4, height // 4, 3 * width // 4, 3 * height // 4], fill=255)
+    m.save(path)
+
+
+def write_inpaint_cases(model: Path, out: Path, d: dict, first: int) -> list[dict]:
+    """INPAINT_REFERENCES drawn by Flux2KleinInpaintPipeline, inputs read as diffusers' load_image."""
+    import torch
+    from diffusers import Flux2KleinInpaintPipeline
+    from diffusers.utils import load_image
+
+    pipe = Flux2KleinInpaintPipeline.from_pretrained(model, local_files_only=True, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for i, (prompt, seed, init, mask, strength) in enumerate(INPAINT_REFERENCES, first):
+        picture = load_image(str(out / init))
+        write_mask(out / mask, *picture.size)
+        image = pipe(image=picture, mask_image=load_image(str(out / mask)), prompt=prompt, strength=strength,
+                     num_inference_steps=d["steps"], guidance_scale=d["guidance"],
+                     max_sequence_length=d.get("max_sequence_length", 512),
+                     generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        name = f"ref-{i}.png"
+        image.save(out / name)
+        rows.append({"prompt": prompt, "seed": seed, "steps": d["steps"], "guidance": d["guidance"],
+                     "width": image.width, "height": image.height, "file": name, "images": [init], "mask": mask,
+                     "strength": strength})
     return rows
 
 
