@@ -269,3 +269,31 @@ def test_low_vram_releases_the_encoder_before_denoise(image_bundles, tmp_path):
     _run_fake(pipe, _image_request(tmp_path, "sd3", True, [(90, 70)], (40, 40)))
     assert order.index(("run", "vae_encoder")) < order.index(("release", "vae_encoder")) \
         < order.index(("run", "transformer"))
+
+
+# ---------------------------------------------------------------- FLUX.2 Klein inpainting on the device
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_inpainting_stays_on_the_device_and_every_move_is_needed(image_bundles, tmp_path, cfg, monkeypatch):
+    """--mask on fake CUDA: the image inpainted (and a reference) encoded once, the mask, the noise and the init
+    latents on the device for every step's blend; skipping any host-to-device move (the mask's included) fails."""
+    from tests.test_inpaint import make_mask
+    from tests.test_references import make_image
+
+    bundle = _bundle(image_bundles["klein"], distilled=not cfg)
+    init = make_image(tmp_path / "init.png", 80, 48, seed=1)
+    ref = make_image(tmp_path / "ref.png", 64, 64, seed=2)
+    mask = make_mask(tmp_path / "mask.png", 40, 24, (0.2, 0.2, 0.8, 0.8))
+    req = GenerationRequest(prompt="a red circle", seed=5, steps=4, guidance=(4.0 if cfg else 1.0),
+                            images=(str(init), str(ref)), mask=str(mask), strength=0.6)
+    backend = StandInEngineBackend(bundle)
+    image, job = _run_fake(make_pipeline(bundle, backend), req)
+    assert isinstance(image, FakeTensor) and image.device == FAKE_CUDA and tuple(image.shape) == (1, 3, 48, 80)
+    ctx = backend.contexts
+    assert ctx["vae_encoder"].executions == 2  # the image and the reference, once each
+    assert len(job.timesteps) == 3 and ctx["transformer"].executions == 3  # strength 0.6 of 4: t_start 1
+    tokens = (48 // 4) * (80 // 4)
+    assert ctx["transformer"].shapes["hidden_states"][:2] == ((2 if cfg else 1), 2 * tokens + 16 * 16)
+    if not cfg:  # the mutation check once (one run per move)
+        moved = mutate_every_move(bundle, req, monkeypatch)
+        assert (1, tokens, 1) in moved  # the packed mask
