@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--width", type=_size)
     pl.add_argument("--height", type=_size)
     pl.add_argument("--references", type=int, default=0, metavar="N",
-                    help="FLUX.2 Klein reference images per request (their tokens grow the transformer's memory)")
+                    help="FLUX.2 Klein input images per request, references and an inpainted image alike (their "
+                         "tokens grow the transformer's memory)")
     pl.add_argument("--json", action="store_true")
 
     d = sub.add_parser("doctor", help="what works on this machine")

@@ -61,9 +61,12 @@ def this_gpu(reader: GpuReader | None = None) -> GpuSpec | None:
     return gpu_spec_from_info(g) if g else None
 
 
-def plan_for(bundle: Bundle, gpu: GpuSpec | None, width: int, height: int, batch: int = 1) -> Plan:
-    """The runtime's own plan: the bundle's real bytes per component, the same staging it will do."""
-    return bundle_plan(bundle, gpu, width, height, batch)
+def plan_for(bundle: Bundle, gpu: GpuSpec | None, width: int, height: int, batch: int = 1,
+             references: int = 0) -> Plan:
+    """The runtime's own plan: the bundle's real bytes per component, the same staging it will do; FLUX.2
+    Klein's input images (references, and the image inpainted: its tokens condition every step) grow the
+    transformer's activations."""
+    return bundle_plan(bundle, gpu, width, height, batch, references=references)
 
 
 def fit_text(plan: Plan) -> str:

@@ -239,7 +239,8 @@ class MainWindow(QMainWindow):
             return None
         v = self.form.values()
         try:
-            return plan_for(self.bundle, self.gpu, v.width, v.height)
+            refs = len(v.images) if self.bundle.manifest["family"] == "flux2-klein" else 0
+            return plan_for(self.bundle, self.gpu, v.width, v.height, references=refs)
         except EdgegenError:
             return None  # an invalid size: the form already says so
 

@@ -80,3 +80,29 @@ def test_window_says_it_fits_a_big_gpu(qtbot, tmp_path, ui_bundle):
     qtbot.addWidget(w)
     assert "fits NVIDIA GeForce RTX 4090" in w.picker.info.text()
     assert w.fit_label.text().startswith("Fits NVIDIA GeForce RTX 4090 (all components stay loaded, peak ")
+
+
+def test_the_fit_label_counts_the_input_images(qtbot, tmp_path, ui_bundle):
+    """FLUX.2 Klein's references (and an inpainted image) are transformer tokens: the plan behind the fit label
+    grows with each, as the runtime's own plan does."""
+    from app.bundle.manifest import load_bundle
+    from app.planning.components import bundle_plan
+    from app.ui.window import MainWindow
+    from tests.test_references import make_image
+
+    big = FakeGpuReader([fake_gpu("NVIDIA GeForce RTX 4090", total_gib=24.0)])
+    w = MainWindow(paths=make_paths(tmp_path), bundle=ui_bundle, reader=big, monitor_interval_ms=50, preload=False)
+    qtbot.addWidget(w)
+    if w.form.references.max_images < 2:
+        import pytest
+
+        pytest.skip("the UI bundle has no VAE encoder")
+    v = w.form.values()
+    peaks = [w.current_plan().peak_bytes]
+    for i in range(2):
+        w.form.references.add(make_image(tmp_path / f"r{i}.png", 64, 64, seed=i))
+        w.form.set_size(v.width, v.height)  # the same size: only the images change
+        peaks.append(w.current_plan().peak_bytes)
+    assert peaks[0] < peaks[1] < peaks[2]
+    b = load_bundle(ui_bundle, verify=False)
+    assert peaks[2] == bundle_plan(b, w.gpu, v.width, v.height, references=2).peak_bytes
