@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from app.cli import main
 from app.runtime.images import psnr, read_metadata
-from tests.test_references import _generate, _np, _pipe, make_image
+from tests.test_references import _bad, _generate, _np, _pipe, make_image
 
 PROMPT = "a red circle on a blue background"
 
@@ -75,14 +74,6 @@ def test_klein_inpainting_reproduces_diffusers(case, size, blur, strength, steps
     assert meta["mask"]["sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
     assert meta["strength"] == (0.8 if strength is None else strength)
     assert [r["name"] for r in meta["references"]] == ["init.png"] + (["ref.png"] if ref else [])
-
-
-def _bad(capsys, *argv) -> str:
-    rc = main(["generate", "--prompt", "x", *argv])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
 
 
 def test_bad_mask_inputs_are_one_line(capsys, tmp_path, klein_encoder_bundle, sd3_encoder_bundle):

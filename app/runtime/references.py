@@ -158,8 +158,8 @@ def scaling_note(name: str, size: tuple[int, int], pipeline: dict, largest: int)
     if scaled is None:
         return None
     w, h = reference_size(size, pipeline, largest)
-    why = (f"this bundle encodes at most {largest} px a side" if max(scaled) == largest and
-           scaled != scaled_size(size, pipeline) else "references above 1 MP are scaled to 1 MP, as diffusers does")
+    why = (f"this bundle encodes at most {largest} px a side" if scaled != scaled_size(size, pipeline)
+           else "references above 1 MP are scaled to 1 MP, as diffusers does")  # the bundle's side bound it
     return f"reference {name} {size[0]}x{size[1]} scaled to {w}x{h} ({why})"
 
 

@@ -48,6 +48,18 @@ def _select(window, bundle: Path) -> None:
     assert window.bundle is not None and window.bundle.root == Path(bundle).resolve()
 
 
+def _generate(window, qtbot, seed: int, steps: int, prompt: str = "a red circle on a blue background"):
+    """Generate from the window's form with a fixed seed; the gallery entry of the saved image."""
+    form = window.form
+    form.prompt.setPlainText(prompt)
+    form.random_seed.setChecked(False)
+    form.seed.setText(str(seed))
+    form.steps.setValue(steps)
+    with qtbot.waitSignal(window.image_saved, timeout=IMAGE_MS) as saved:
+        window.generate()
+    return window.history.get(saved.args[0])
+
+
 def test_reference_strip_add_reorder_remove_and_size(rwindow, tmp_path):
     strip = rwindow.form.references
     assert strip.max_images == 4 and not strip.strength_row.isVisibleTo(rwindow)  # Klein: no strength
@@ -79,13 +91,7 @@ def test_generate_with_references_matches_diffusers_and_reuse_restores_them(rwin
     refs = [make_image(tmp_path / "r0.png", 80, 64, seed=3), make_image(tmp_path / "r1.png", 64, 96, seed=4)]
     form = rwindow.form
     form.references.set_paths(refs)
-    form.prompt.setPlainText("a red circle on a blue background")
-    form.random_seed.setChecked(False)
-    form.seed.setText("7")
-    form.steps.setValue(4)
-    with qtbot.waitSignal(rwindow.image_saved, timeout=IMAGE_MS) as saved:
-        rwindow.generate()
-    entry = rwindow.history.get(saved.args[0])
+    entry = _generate(rwindow, qtbot, seed=7, steps=4)
     meta = read_metadata(entry.path)
     assert [r["name"] for r in meta["references"]] == ["r0.png", "r1.png"] and (meta["width"], meta["height"]) == (80, 64)
     assert [r["name"] for r in entry.meta["references"]] == ["r0.png", "r1.png"]  # the gallery keeps them
@@ -228,13 +234,7 @@ def test_inpainting_mask_painted_in_the_app_matches_diffusers(rwindow, qtbot, tm
     assert strip.strength_row.isVisibleTo(rwindow) and form.values().strength == 0.8
     assert form.values().mask == str(mask) and "Inpainting photo.png" in strip.title.text()
 
-    form.prompt.setPlainText("a red circle on a blue background")
-    form.random_seed.setChecked(False)
-    form.seed.setText("4")
-    form.steps.setValue(4)
-    with qtbot.waitSignal(rwindow.image_saved, timeout=IMAGE_MS) as saved:
-        rwindow.generate()
-    entry = rwindow.history.get(saved.args[0])
+    entry = _generate(rwindow, qtbot, seed=4, steps=4)
     assert entry.meta["mask"]["name"] == mask.name and entry.meta["strength"] == 0.8
     ours = np.asarray(Image.open(entry.path).convert("RGB"))
     expect = diffusers_inpaint(klein_model, init, mask, 4, 0.8, 4, form.values().guidance)

@@ -102,9 +102,8 @@ class KleinPipeline(Pipeline):
 
     def prepare_images(self, job: Job, inputs: list) -> None:
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-        from PIL import Image
 
-        from app.runtime.references import check_reference_size, reference_size, scaled_size, scaling_note
+        from app.runtime.references import check_reference_size, reference_size
 
         pipeline = self.bundle.manifest["pipeline"]
         largest = self.bundle.manifest["size_range"]["max"]
@@ -118,14 +117,26 @@ class KleinPipeline(Pipeline):
         for ref, record in zip(inputs, job.references[len(grids):]):
             w, h = reference_size(ref.size, pipeline, largest)
             check_reference_size(ref, w, h, pipeline)
-            img, to = ref.image, scaled_size(ref.size, pipeline, largest)
-            if to is not None:  # Flux2ImageProcessor._resize_to_target_area's resize, to the bundle's size
-                img = img.resize(to, Image.Resampling.LANCZOS)
+            img = self.scaled_picture(job, ref)
+            if img is not ref.image:
                 record["scaled_to"] = [w, h]
-                job.notes.append(scaling_note(ref.name, ref.size, pipeline, largest))
             job.images.append(processor.preprocess(img, height=h, width=w, resize_mode="crop").float())
             grids.append((h // m, w // m))
         job.state["ref_grids"] = grids
+
+    def scaled_picture(self, job: Job, ref):
+        """The input's picture resized (LANCZOS, as Flux2ImageProcessor._resize_to_target_area) where it is above
+        1 MP or longer than the bundle encodes, with the status line saying so; else the picture itself."""
+        from PIL import Image
+
+        from app.runtime.references import scaled_size, scaling_note
+
+        pipeline, largest = self.bundle.manifest["pipeline"], self.bundle.manifest["size_range"]["max"]
+        to = scaled_size(ref.size, pipeline, largest)
+        if to is None:
+            return ref.image
+        job.notes.append(scaling_note(ref.name, ref.size, pipeline, largest))
+        return ref.image.resize(to, Image.Resampling.LANCZOS)
 
     def prepare_inpaint(self, job: Job, init, processor) -> None:
         """Flux2KleinInpaintPipeline's preprocessing: the image scaled as a reference (1 MP, or the bundle's side)
@@ -133,16 +144,9 @@ class KleinPipeline(Pipeline):
         at 0.5, then bilinear to the token grid and packed (1, h*w, 1): 1 repaints."""
         import torch.nn.functional as F
         from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-        from PIL import Image
 
-        from app.runtime.references import scaled_size, scaling_note
-
-        pipeline, largest = self.bundle.manifest["pipeline"], self.bundle.manifest["size_range"]["max"]
         W, H = job.req.width, job.req.height
-        img, to = init.image, scaled_size(init.size, pipeline, largest)
-        if to is not None:
-            img = img.resize(to, Image.Resampling.LANCZOS)
-            job.notes.append(scaling_note(init.name, init.size, pipeline, largest))
+        img = self.scaled_picture(job, init)
         job.images.append(processor.preprocess(img, height=H, width=W, resize_mode="default").float())
         masks = Flux2ImageProcessor(vae_scale_factor=processor.config.vae_scale_factor, do_normalize=False,
                                     do_binarize=True, do_convert_rgb=False, do_convert_grayscale=True)
