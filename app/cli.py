@@ -54,6 +54,22 @@ def _text(value: str) -> str:
     return value
 
 
+def _controlnet(value: str) -> tuple[str, Path]:
+    name, sep, folder = value.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=DIR, e.g. canny=/models/sd35-controlnet-canny")
+    return name, Path(folder)
+
+
+def _control(value: str):
+    from app.runtime.controls import parse_control
+
+    try:
+        return parse_control(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--control {value!r}: ")) from None
+
+
 def _lora(value: str) -> tuple[Path, float]:
     """FILE[:SCALE], split at the LAST colon and only when what follows parses as a number, so Windows paths
     (C:\\brand.safetensors:0.8) and file names holding colons keep their colons."""
@@ -103,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the transformer LoRA inputs, so any LoRA from the site library can be chosen per "
                         "request (generate --lora NAME[:STRENGTH]); MAX_RANK is the total rank of the LoRAs one "
                         "request may combine, e.g. 64 (docs/LORA.md)")
+    e.add_argument("--controlnet", type=_controlnet, action="append", default=[], metavar="NAME=DIR",
+                   help="SD3.5: add a diffusers SD3ControlNetModel folder as ControlNet NAME (repeat for several of "
+                        "the same num_layers); a name starting canny or blur picks that preprocessor "
+                        "(docs/CONTROLNET.md)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle once the new one is complete")
     e.add_argument("--sign", type=Path, metavar="KEYFILE", help="sign the finished bundle with this private key")
     e.add_argument("--accept-low-fidelity", action="store_true",
@@ -140,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", type=_lora_choice, action="append", default=[], metavar="NAME[:STRENGTH]",
                    help="a LoRA from the site library (edgegen lora list), strength 1 by default; repeat for "
                         "several. Needs a bundle exported with --runtime-lora")
+    g.add_argument("--control", type=_control, action="append", default=[], metavar="NAME:IMAGE[:SCALE[:START:END]]",
+                   help="SD3.5 ControlNet: condition on IMAGE with the bundle's ControlNet NAME at SCALE (default 1) "
+                        "from START to END (fractions of the steps, default 0:1); repeat for several nets. The "
+                        "image is stretched to the output size, then edge-detected (canny) or blurred (blur)")
+    g.add_argument("--control-as-is", action="store_true",
+                   help="the --control images are already the nets' maps (edges, blurred, depth): no preprocessing")
     g.add_argument("--low-vram", action="store_true", default=None,
                    help="unload text encoders before denoising and the transformer before decoding "
                         "(default: when the plan says the components do not fit together)")
@@ -289,6 +315,7 @@ def cmd_export(args) -> int:
         text_encoder_precision=args.text_encoder_precision,
         loras=tuple(args.lora), runtime_lora=args.runtime_lora, overwrite=args.overwrite, accept_low_fidelity=args.accept_low_fidelity,
         skip_memory_check=args.skip_memory_check, with_encoder=args.with_encoder, fp8_path=args.fp8_path,
+        controlnets=tuple(args.controlnet),
     )
     if args.gpu:
         from app.planning.gpus import parse_gpu_option
@@ -309,6 +336,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from dataclasses import replace
+
     from app.progress import say, step_bar
     from app.runtime.generate import generate_files
 
@@ -319,7 +348,7 @@ def cmd_generate(args) -> int:
         steps=args.steps, guidance=args.guidance, width=args.width, height=args.height, backend=args.backend,
         model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar, device=args.device,
         low_vram=args.low_vram, images=tuple(args.image), strength=args.strength, loras=tuple(args.lora),
-        mask=args.mask,
+        mask=args.mask, controls=tuple(replace(c, preprocess=not args.control_as_is) for c in args.control),
     )
     for p in paths:
         print(p)

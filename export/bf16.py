@@ -166,7 +166,7 @@ def fp32_bytes_needed(folder, precisions: dict[str, str]) -> int:
     from export.preflight import PROCESS_BASE
 
     specs = {s.name: s for s in folder.family.components}
-    sources = {specs[n].source for n in precisions}
+    sources = {specs[n].source for n in precisions if n in specs}  # (ControlNets: small beside the transformer)
     return int(sum(folder.weights[s][0] * 4 for s in sources if s in folder.weights) * 1.3) + PROCESS_BASE
 
 

@@ -74,9 +74,11 @@ def graph_key(folder, spec, precision: str, sample: dict, loras=()) -> str:
     part("spec", repr(spec))
     part("class", json.dumps(folder.index.get(spec.source)))
     part("precision", precision)
-    source = folder.path / spec.source
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        part("file", f"{path.relative_to(source).as_posix()}={sha256_file(path)}")
+    # a ControlNet's source is its own folder; SD3.5 Large's nets also take the transformer's position table
+    sources = [folder.path / spec.source] + ([folder.path / "transformer"] if spec.role == "controlnet" else [])
+    for source in sources:
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            part("file", f"{path.relative_to(source).as_posix()}={sha256_file(path)}")
     if spec.role == "transformer":  # export_one fuses LoRAs into the transformer only
         for path, scale in loras:
             part("lora", f"{sha256_file(Path(path))}*{float(scale)!r}")

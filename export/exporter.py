@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from app.bundle.families import DYNAMIC_DIMS, model_dims
+from app.bundle.families import DYNAMIC_DIMS, controlnet_spec, model_dims, with_controlnet_input
 from app.bundle.modelfolder import ModelFolder, inspect_folder, own_defaults
 from app.errors import EdgegenError, UsageError
 from app.models.loading import load_component
@@ -75,6 +75,9 @@ class ExportOptions:
     # How the transformer becomes FP8: "onnx" (ModelOpt ONNX PTQ on the FP32 graph, export/fp8.py), "torch"
     # (ModelOpt PyTorch calibration of the BF16 module, export/fp8_torch.py), "auto": onnx when it fits in RAM
     fp8_path: Literal["auto", "onnx", "torch"] = "auto"
+    # SD3.5 ControlNets (docs/CONTROLNET.md): (name, SD3ControlNetModel folder) each, exported as
+    # controlnet_<name>; the transformer then takes their residuals
+    controlnets: tuple[tuple[str, Path], ...] = ()
     extra: dict = field(default_factory=dict)
 
 
@@ -226,6 +229,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
                                  "--fp8-path onnx where the FP32 graphs fit in memory")
             precisions = {**precisions, "transformer": "bf16"}  # its BF16 graph, quantized after calibration
         notes.append(f"[fp8] transformer through ModelOpt's {'PyTorch' if route == 'torch' else 'ONNX'} path: {why}")
+    nets = check_controlnets(folder, opts.controlnets, dims, with_encoder)
     defaults, size_range = _defaults_and_range(folder, opts, own, dims, notes.append)
     preflight.check_calibration_size(opts.calibration_size, size_range, dims)
     if opts.loras:
@@ -252,10 +256,26 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             if spec.name not in precisions:
                 continue
             p = precisions[spec.name]
+            if spec.role == "transformer" and nets:
+                first = next(iter(nets.values()))
+                spec = with_controlnet_input(spec, first["layers"], first["inner_dim"])
             components[spec.name], records = export_one(folder, spec, w.tmp / spec.name, opts.loras, progress,
                                                         precision=p if p in HALF else "fp32",
                                                         runtime_lora=opts.runtime_lora)
             lora_records = records or lora_records
+            f = components[spec.name]["fidelity"]
+            components[spec.name]["fidelity_gate"] = gate(spec.name, "fp32", f["cosine"], f["max_rel_err"],
+                                                          opts.accept_low_fidelity)
+            if p in HALF:
+                h = components[spec.name][f"fidelity_{p}"]
+                components[spec.name][f"{p}_fidelity_gate"] = gate(spec.name, p, h["cosine"], h["max_rel_err"],
+                                                                   opts.accept_low_fidelity)
+        for name, record in nets.items():
+            spec = controlnet_spec(name, record)
+            p = controlnet_precision(opts.precision)
+            components[spec.name], _ = export_one(folder, spec, w.tmp / spec.name, (), progress,
+                                                  precision=p if p in HALF else "fp32", controlnet=record)
+            precisions[spec.name] = p
             f = components[spec.name]["fidelity"]
             components[spec.name]["fidelity_gate"] = gate(spec.name, "fp32", f["cosine"], f["max_rel_err"],
                                                           opts.accept_low_fidelity)
@@ -277,6 +297,7 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
                          **{k: v for k, v in dims.items() if v is not None}, **_text_length(folder, own),
                          **_image_inputs(fam, components)},
             "components": components,
+            **({"controlnets": nets} if nets else {}),
             "loras": lora_records,
             "tokenizers": [t for t in fam.tokenizers if folder.present(t)],
             "scheduler": "scheduler/scheduler_config.json",
@@ -511,8 +532,9 @@ def build_engines(opts: ExportOptions, fam, manifest: dict, root: Path, progress
 
 
 def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Progress = print,
-               precision: str = "fp32", runtime_lora: int = 0) -> tuple[dict, list]:
+               precision: str = "fp32", runtime_lora: int = 0, controlnet: dict | None = None) -> tuple[dict, list]:
     """Load, export and check one component; returns its manifest entry and the LoRA records (if fused here).
+    `controlnet`: the manifest record of the ControlNet `spec` is (export --controlnet).
 
     `precision` fp32, or bf16/fp16: the module is loaded in that dtype (no FP32 copy), traced as is, with
     FP32 islands (export/bf16_policy.py), and checked through its FP32 twin (export/bf16.py).
@@ -529,7 +551,12 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
     dtype = TORCH_DTYPES[precision] if half else torch.float32
     progress(f"[{spec.name}] loading {spec.source} from {folder.path.name}"
              + (f" in {precision.upper()}" if half else ""))
-    module = load_component(folder, spec.source, dtype)
+    if spec.role == "controlnet":
+        from app.models.loading import load_controlnet
+
+        module = load_controlnet(spec.source, folder, controlnet["shares_transformer_pos_embed"], dtype)
+    else:
+        module = load_component(folder, spec.source, dtype)
     lora_records: list = []
     if spec.role == "transformer" and loras:
         progress(f"[{spec.name}] fusing {len(loras)} LoRA(s)")
@@ -549,10 +576,12 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
         wrapped = wrap_in_dtype(spec, module, dtype, FP32_INPUTS.get(fam.name, frozenset()), slots=slots)
     else:
         wrapped = wrap(spec, module, slots)
-    owner = SimpleNamespace(**{spec.source: module})
+    owner = SimpleNamespace(**{"controlnet" if spec.role == "controlnet" else spec.source: module})
+    if spec.role == "transformer":
+        owner.transformer = module
     (r0, c0), (r1, c1) = fam.trace_grids
-    samples = [sample_inputs(fam.name, owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT),
-               sample_inputs(fam.name, owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT)]
+    samples = [sample_inputs(fam.name, owner, spec.name, TRACE_BATCH, r0, c0, TRACE_TEXT, spec),
+               sample_inputs(fam.name, owner, spec.name, CHECK_BATCH, r1, c1, CHECK_TEXT, spec)]
     if slots:  # non-zero branches, of two ranks (2: rank 1 would be specialised away), checked like the rest
         samples = [{**s, **lora_sample_inputs(slots, rank, seed)} for s, rank, seed in zip(samples, (2, 3), (0, 1))]
     half_compute = None
@@ -600,7 +629,8 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
         progress(f"[{spec.name}] checking ONNX Runtime against PyTorch on two shapes")
         fidelity = _check(spec, onnx_path, samples, references)
     entry = {
-        "role": spec.role, "source": spec.source, "class": folder.index[spec.source][1],
+        "role": spec.role, "source": "controlnet" if spec.role == "controlnet" else spec.source,
+        "class": "SD3ControlNetModel" if spec.role == "controlnet" else folder.index[spec.source][1],
         "onnx": f"{spec.name}/model.onnx", "precision": precision,
         "runs_on": (["tensorrt-rtx (sm80+)", "tensorrt (sm80+)", "onnxruntime (CUDA only)"] if precision == "bf16"
                     else ["tensorrt-rtx", "tensorrt", "onnxruntime (CUDA only)"] if half
@@ -622,6 +652,52 @@ def export_one(folder: ModelFolder, spec, out_dir: Path, loras=(), progress: Pro
              f"cosine {fidelity['cosine']:.6f}"
              + (f"; {precision.upper()} compute cosine {half_compute['cosine']:.5f}" if half else ""))
     return entry, lora_records
+
+
+def controlnet_precision(precision: str) -> str:
+    """A ControlNet's graph precision: the transformer's, except BF16 beside an FP8 transformer (ControlNets
+    are not FP8-calibrated: their residuals feed every block, so their error would add to the transformer's)."""
+    return "bf16" if precision == "fp8" else precision
+
+
+def check_controlnets(folder: ModelFolder, controlnets, dims: dict, with_encoder: bool) -> dict[str, dict]:
+    """export --controlnet NAME=DIR, checked before the first weight is read: {name: manifest record}."""
+    import re
+
+    from app.bundle.families import controlnet_dims
+    from app.bundle.files import sha256_file
+    from app.errors import ModelFolderError
+
+    if not controlnets:
+        return {}
+    if folder.family.name != "sd3.5":
+        raise UsageError(f"--controlnet is for SD3.5 models; {folder.path} is {folder.family.name}")
+    if not with_encoder:
+        raise UsageError("--controlnet needs the VAE encoder (control images are VAE-encoded); drop --no-encoder")
+    nets: dict[str, dict] = {}
+    for name, path in controlnets:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name) or name in nets:
+            raise UsageError(f"--controlnet name {name!r} must be unique, lower-case letters, digits, - or _ "
+                             "(e.g. canny=DIR)")
+        path = Path(path).absolute()
+        weights = sorted(path.glob("*.safetensors"))
+        if not (path / "config.json").is_file() or not weights:
+            raise ModelFolderError(f"--controlnet {name}={path} is not a diffusers ControlNet folder (config.json and "
+                                   "safetensors); convert single-file nets with diffusers' "
+                                   "scripts/convert_sd3_controlnet_to_diffusers.py")
+        rec = controlnet_dims(path, folder.path, dims)
+        kind = name.split("-")[0].split("_")[0]
+        rec.update(component=f"controlnet_{name}", preprocessor=kind if kind in ("canny", "blur") else "none",
+                   source={"path": str(path), "name": path.name,
+                           "config_sha256": sha256_file(path / "config.json"),
+                           "weights_sha256": {w.name: sha256_file(w) for w in weights}})
+        first = next(iter(nets.values()), None)
+        if first and (first["layers"], first["inner_dim"]) != (rec["layers"], rec["inner_dim"]):
+            raise UsageError(f"--controlnet {name} has {rec['layers']} layers, {next(iter(nets))} has "
+                             f"{first['layers']}: the nets of one bundle share one residual input, so they must "
+                             "have the same num_layers; export a bundle per kind")
+        nets[name] = rec
+    return nets
 
 
 def lora_sample_inputs(slots: list[dict], rank: int, seed: int) -> dict[str, torch.Tensor]:

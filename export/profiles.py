@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from app.bundle.families import FamilySpec
+from app.bundle.families import CONTROLNET_PREFIX, FamilySpec
+
+
+def cfg_batched(family: FamilySpec, component: str, pipeline: dict) -> bool:
+    """Whether the component sees CFG's doubled batch: the family's list, and the ControlNets beside the
+    transformer; a distilled Klein never runs CFG."""
+    listed = component in family.cfg_batched or component.startswith(CONTROLNET_PREFIX)
+    return listed and not pipeline.get("is_distilled", False)
 
 
 def dim_ranges(family: FamilySpec, component: str, size_range: dict, defaults: dict, pipeline: dict) -> dict:
@@ -11,7 +18,7 @@ def dim_ranges(family: FamilySpec, component: str, size_range: dict, defaults: d
     lo, hi = size_range["min"], size_range["max"]
     opt_w, opt_h = defaults["width"], defaults["height"]
     # CFG runs [positive, negative] as one batch; a distilled Klein never runs CFG, so stays at batch 1.
-    batch_max = 2 if component in family.cfg_batched and not pipeline.get("is_distilled", False) else 1
+    batch_max = 2 if cfg_batched(family, component, pipeline) else 1
     # Prompt lengths as the bundle records them from the model's configs (the demo model pads to 64).
     text = (pipeline.get("text_lengths") or family.text_lengths).get(component, 77)
     grid = {  # the grid the transformer / decoder see
@@ -62,6 +69,6 @@ def profiles_for(family: FamilySpec, component: str, entry: dict, size_range: di
 def profile_desc(family: FamilySpec, component: str, size_range: dict, pipeline: dict | None = None) -> str:
     """The profile part of an engine's key: batch, size range and, for the transformer, the reference limit."""
     pipeline = pipeline or {}
-    b = 2 if component in family.cfg_batched and not pipeline.get("is_distilled", False) else 1
+    b = 2 if cfg_batched(family, component, pipeline) else 1
     refs = pipeline.get("max_images", 0) if component == "transformer" else 0
     return f"b{b}-{size_range['min']}to{size_range['max']}" + (f"-r{refs}" if refs else "")

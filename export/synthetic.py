@@ -242,6 +242,34 @@ def build_sd3(corpus: list[str] = DEFAULT_CORPUS, seed: int = 0, t5: bool = True
     )
 
 
+def build_sd3_controlnet(model: Path, layers: int, style: str = "large", seed: int = 1, gain: float = 0.05):
+    """A random SD3ControlNetModel for an SD3 model folder, shaped from its transformer's config.json.
+
+    style "large": as SD3.5 Large's canny/depth/blur nets (single blocks without text, the transformer's position
+    table lent by the pipeline, zero pooled input); "instantx": as InstantX's SD3 nets (joint blocks with the prompt,
+    its own position table), here with force_zeros_for_pooled_projection off so the VAE-shift path runs too.
+    The zero-initialised output layers are re-randomised (times `gain`): a fresh net would add exactly nothing."""
+    from diffusers import SD3ControlNetModel
+
+    cfg = json.loads((Path(model) / "transformer" / "config.json").read_text())
+    torch.manual_seed(seed)
+    large = style == "large"
+    net = SD3ControlNetModel(
+        sample_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
+        num_layers=layers, attention_head_dim=cfg["attention_head_dim"], num_attention_heads=cfg["num_attention_heads"],
+        joint_attention_dim=None if large else cfg["joint_attention_dim"],
+        caption_projection_dim=cfg["caption_projection_dim"], pooled_projection_dim=cfg["pooled_projection_dim"],
+        out_channels=cfg["out_channels"], pos_embed_max_size=cfg["pos_embed_max_size"],
+        use_pos_embed=not large, force_zeros_for_pooled_projection=large,
+        qk_norm=None if large else cfg.get("qk_norm"),
+    ).eval()
+    with torch.no_grad():
+        for m in (*net.controlnet_blocks, net.pos_embed_input):
+            for t in m.parameters():
+                t.normal_(0.0, gain)
+    return net
+
+
 def save(pipe, folder: Path) -> Path:
     """save_pretrained with safetensors only, as a real model folder is."""
     folder = Path(folder)

@@ -95,9 +95,46 @@ def with_lora_slots(spec: ComponentSpec, slots: list[dict]) -> ComponentSpec:
 
 def component_spec(family: "FamilySpec", manifest: dict, name: str) -> ComponentSpec:
     """The family's spec for a bundle's component, with the run-time LoRA inputs where the bundle has them."""
+    nets = manifest.get("controlnets") or {}
+    if name.startswith(CONTROLNET_PREFIX):
+        return controlnet_spec(name[len(CONTROLNET_PREFIX):], nets[name[len(CONTROLNET_PREFIX):]])
     spec = family.component(name)
+    if name == "transformer" and nets:
+        first = next(iter(nets.values()))
+        spec = with_controlnet_input(spec, first["layers"], first["inner_dim"])
     slots = ((manifest.get("components", {}).get(name) or {}).get("lora") or {}).get("slots")
     return with_lora_slots(spec, slots) if slots else spec
+
+
+# SD3.5 ControlNet (export --controlnet, docs/CONTROLNET.md): each SD3ControlNetModel is a component
+# `controlnet_<name>` whose output stacks its per-layer residuals, (controlnet_layers, batch, img_seq, inner_dim);
+# the transformer of a bundle with ControlNets takes that stack, scaled and summed over the request's nets, as
+# one more input and adds residual int(i / (num_layers / controlnet_layers)) after each block i, as diffusers'
+# SD3Transformer2DModel does. No control: zeros (adding 0.0 changes no bit).
+CONTROLNET_PREFIX = "controlnet_"
+CONTROLNET_RESIDUALS = "controlnet_residuals"
+
+
+def controlnet_spec(name: str, record: dict) -> ComponentSpec:
+    """The component of one of a bundle's ControlNets, from its manifest record (controlnets[name])."""
+    text = (_t("encoder_hidden_states", "float32", "batch", "text_seq", "text_dim"),) if record["uses_text"] else ()
+    return ComponentSpec(
+        CONTROLNET_PREFIX + name, record["source"]["path"],
+        "sd3_controlnet" if record["uses_text"] else "sd3_controlnet_single",
+        inputs=(_t("hidden_states", "float32", "batch", "latent_channels", "latent_height", "latent_width"),
+                _t("controlnet_cond", "float32", "batch", "latent_channels", "latent_height", "latent_width"),
+                *text,
+                _t("pooled_projections", "float32", "batch", "pooled_dim"),
+                _t("timestep", "float32", "batch")),
+        outputs=(_t("block_samples", "float32", int(record["layers"]), "batch", "img_seq", int(record["inner_dim"])),),
+        role="controlnet",
+    )
+
+
+def with_controlnet_input(spec: ComponentSpec, layers: int, inner_dim: int) -> ComponentSpec:
+    """The SD3 transformer's spec with the ControlNet residual stack as its last base input."""
+    extra = _t(CONTROLNET_RESIDUALS, "float32", int(layers), "batch", "img_seq", int(inner_dim))
+    return replace(spec, wrapper="sd3_transformer_controlnet", inputs=spec.inputs + (extra,))
 
 
 # Flux2KleinPipeline's text_encoder_out_layers default: the Qwen3 hidden states it stacks into the prompt
@@ -350,6 +387,46 @@ def model_dims(folder: Path, family: FamilySpec, index: dict, max_sequence_lengt
             raise _unsupported("transformer", "joint_attention_dim", joint, f"it must equal T5's d_model ({t5})")
     return {"vae_scale_factor": scale, "patch": patch, "latent_channels": latent, "transformer_in_channels": latent,
             "text_dim": joint, "pooled_dim": pooled, "pos_embed_max_size": table,
+            # the VAE's latent scaling, for ControlNet latents (their shift depends on the net)
+            "vae_scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+            "vae_shift_factor": float(vae.get("shift_factor") or 0.0),
             "text_lengths": dict(family.text_lengths),
             # The position table bounds the image: pos_embed_max_size patches per side.
             "max_size_px": table * patch * scale if table else None}
+
+
+def controlnet_dims(controlnet: Path, model: Path, dims: dict) -> dict:
+    """What a bundle records about one SD3ControlNetModel folder (config.json, no torch), checked against the
+    model it is exported with. Raises ModelFolderError naming the one field that does not fit."""
+    where = str(controlnet)
+    cn = _config(controlnet.parent, controlnet.name)
+    if cn.get("_class_name") != "SD3ControlNetModel":
+        raise ModelFolderError(f"{where}/config.json names {cn.get('_class_name')!r}; --controlnet takes a diffusers "
+                               "SD3ControlNetModel folder (config.json + safetensors)")
+    tr = _config(model, "transformer")
+    inner = _int(cn, "num_attention_heads", where, 18) * _int(cn, "attention_head_dim", where, 64)
+    want = _int(tr, "num_attention_heads", "transformer", 18) * _int(tr, "attention_head_dim", "transformer", 64)
+    if inner != want:
+        raise _unsupported(where, "num_attention_heads x attention_head_dim", inner,
+                           f"it must equal the transformer's width ({want}): this ControlNet is for another model")
+    for key, value in (("in_channels", dims["latent_channels"]), ("patch_size", dims["patch"]),
+                       ("pooled_projection_dim", dims["pooled_dim"])):
+        if _int(cn, key, where, {"in_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048}[key]) != value:
+            raise _unsupported(where, key, cn.get(key), f"the model's is {value}: this ControlNet is for another model")
+    if cn.get("extra_conditioning_channels", 0):
+        raise _unsupported(where, "extra_conditioning_channels", cn["extra_conditioning_channels"],
+                           "ControlNet inpainting (StableDiffusion3ControlNetInpaintingPipeline) is not supported")
+    joint = cn.get("joint_attention_dim", 4096)
+    if joint is not None and joint != dims["text_dim"]:
+        raise _unsupported(where, "joint_attention_dim", joint, f"the model's is {dims['text_dim']}")
+    use_pos = cn.get("use_pos_embed", True)
+    if use_pos and cn.get("pos_embed_max_size", 96) != dims["pos_embed_max_size"]:
+        raise _unsupported(where, "pos_embed_max_size", cn.get("pos_embed_max_size"),
+                           f"the model's position table is {dims['pos_embed_max_size']}")
+    return {"layers": _int(cn, "num_layers", where, 18), "inner_dim": inner,
+            "uses_text": joint is not None,  # SD3.5 Large's nets: single blocks, no text
+            # SD3.5 Large's nets have no position table: diffusers lends them the transformer's (use_pos_embed false)
+            "shares_transformer_pos_embed": not use_pos,
+            # force_zeros_for_pooled_projection: zero pooled input and no VAE shift on the control latents
+            "force_zeros_for_pooled_projection": bool(cn.get("force_zeros_for_pooled_projection", True)),
+            "transformer_layers": _int(tr, "num_layers", "transformer", 18)}

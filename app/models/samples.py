@@ -51,6 +51,14 @@ def _sd3_samples(pipe, component: str, batch: int, h: int, w: int, text_len: int
             "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g),
             "timestep": torch.rand(batch, generator=g) * 1000,
         }
+    if component.startswith("controlnet_"):  # one of export --controlnet's nets, as owner.controlnet
+        cfg = pipe.controlnet.config
+        out = {"hidden_states": torch.randn(batch, cfg.in_channels, h, w, generator=g),
+               "controlnet_cond": torch.randn(batch, cfg.in_channels, h, w, generator=g)}
+        if cfg.joint_attention_dim is not None:
+            out["encoder_hidden_states"] = torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g)
+        return {**out, "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+                "timestep": torch.rand(batch, generator=g) * 1000}
     if component == "vae_decoder":
         return {"latents": torch.randn(batch, pipe.vae.config.latent_channels, h, w, generator=g)}
     if component == "vae_encoder":  # an image whose latent grid is h x w, and the posterior's sampling noise
@@ -66,5 +74,14 @@ def _sd3_samples(pipe, component: str, batch: int, h: int, w: int, text_len: int
 SAMPLE_INPUTS = {"flux2-klein": _klein_samples, "sd3.5": _sd3_samples}
 
 
-def sample_inputs(family: str, owner, component: str, batch: int, rows: int, cols: int, text_len: int):
-    return SAMPLE_INPUTS[family](owner, component, batch, rows, cols, text_len)
+def sample_inputs(family: str, owner, component: str, batch: int, rows: int, cols: int, text_len: int,
+                  spec=None):
+    """Example inputs; with `spec`, also its ControlNet residual stack (a transformer of a bundle with nets)."""
+    out = SAMPLE_INPUTS[family](owner, component, batch, rows, cols, text_len)
+    extra = [t for t in (spec.inputs if spec is not None else ()) if t.name == "controlnet_residuals"]
+    if extra:
+        layers, _b, _seq, inner = extra[0].dims
+        g = torch.Generator("cpu").manual_seed(rows * 7 + cols)
+        patch = owner.transformer.config.patch_size
+        out[extra[0].name] = torch.randn(layers, batch, (rows // patch) * (cols // patch), inner, generator=g) * 0.1
+    return out

@@ -172,6 +172,47 @@ class SD3Transformer(nn.Module):
         )[0]
 
 
+class SD3TransformerControlNet(SD3Transformer):
+    """The transformer of a bundle with ControlNets: the residual stack (controlnet_layers, B, tokens, inner),
+    already scaled and summed over the request's nets, goes in as diffusers' block_controlnet_hidden_states (the
+    per-block index int(i / interval) is computed at trace time from the fixed stack length)."""
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, controlnet_residuals):
+        return self.transformer(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections, timestep=timestep,
+            block_controlnet_hidden_states=list(controlnet_residuals.unbind(0)), return_dict=False,
+        )[0]
+
+
+class SD3ControlNet(nn.Module):
+    """SD3ControlNetModel -> its per-layer residuals stacked, unscaled (the driver applies the conditioning scale
+    and the start/end window per step, so one graph serves every scale)."""
+
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+        for pe in (controlnet.pos_embed,):
+            if pe is not None and getattr(pe, "pos_embed_max_size", None) is not None:
+                pe.cropped_pos_embed = _tensor_crop.__get__(pe)
+
+    def _run(self, hidden_states, controlnet_cond, encoder_hidden_states, pooled_projections, timestep):
+        out = self.controlnet(hidden_states=hidden_states, controlnet_cond=controlnet_cond, conditioning_scale=1.0,
+                              encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                              timestep=timestep, return_dict=False)[0]
+        return torch.stack(list(out))
+
+    def forward(self, hidden_states, controlnet_cond, encoder_hidden_states, pooled_projections, timestep):
+        return self._run(hidden_states, controlnet_cond, encoder_hidden_states, pooled_projections, timestep)
+
+
+class SD3ControlNetSingle(SD3ControlNet):
+    """SD3.5 Large's ControlNets (joint_attention_dim null): single blocks, no prompt embeddings."""
+
+    def forward(self, hidden_states, controlnet_cond, pooled_projections, timestep):
+        return self._run(hidden_states, controlnet_cond, None, pooled_projections, timestep)
+
+
 class SD3VaeDecoder(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -192,6 +233,9 @@ WRAPPERS = {
     "t5_text_encoder": T5TextEncoder,
     "sd3_transformer": SD3Transformer,
     "sd3_vae_decoder": SD3VaeDecoder,
+    "sd3_transformer_controlnet": SD3TransformerControlNet,
+    "sd3_controlnet": SD3ControlNet,
+    "sd3_controlnet_single": SD3ControlNetSingle,
 }
 
 

@@ -31,8 +31,15 @@ def image_metadata(bundle, backend, result) -> dict:
         "guidance": r.guidance, "width": r.width, "height": r.height, "model": bundle.manifest["source"]["name"],
         "family": bundle.manifest["family"], "bundle_sha256": bundle.manifest_sha256, "backend": backend.name,
         "precision": bundle.precision, "edgegen": __version__,
-        **image_inputs_metadata(result), **lora_metadata(result),
+        **image_inputs_metadata(result), **lora_metadata(result), **control_metadata(result),
     }
+
+
+def control_metadata(result) -> dict:
+    """SD3.5 ControlNet: each control image (name, sha256, path), its net, scale and window, only when used."""
+    controls = getattr(result, "controls", None) or []
+    keys = ("controlnet", "name", "sha256", "path", "scale", "start", "end", "preprocessed")
+    return {"controls": [{k: c[k] for k in keys} for c in controls]} if controls else {}
 
 
 def lora_metadata(result) -> dict:
@@ -61,7 +68,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
                    steps=None, guidance=None, width=None, height=None, backend: str = "auto", model=None,
                    count: int = 1, say: Callable[[str], None] = print, step_bar=None, device: str = "auto",
                    low_vram: bool | None = None, images: tuple = (), strength: float | None = None,
-                   loras: tuple = (), mask: Path | None = None) -> list[Path]:
+                   loras: tuple = (), mask: Path | None = None, controls: tuple = ()) -> list[Path]:
     from app.errors import UsageError
     from app.runtime.references import check_cli_images, check_count_and_strength, check_images, read_image
 
@@ -81,7 +88,10 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
     check_cli_images(images, None, strength, None)  # files exist and are images, strength in (0, 1]
     if mask is not None:
         read_image(mask, "--mask")
-    if images or strength is not None or loras or mask is not None:  # count, family, encoder, LoRAs from the manifest, before hashing
+    from app.runtime.controls import check_controls, read_controls
+
+    read_controls(list(controls))  # the control files exist and are images
+    if images or strength is not None or loras or mask is not None or controls:  # from the manifest, before hashing
         from app.errors import EdgegenError
 
         try:
@@ -90,6 +100,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
             unverified = None  # the verified load below says what is wrong with the bundle
         if unverified is not None:
             check_count_and_strength(unverified, tuple(images), strength, mask)
+            check_controls(unverified, controls, images)
             check_images(unverified, [read_image(p) for p in images])
             from app.runtime.loras import check_choices
 
@@ -105,7 +116,8 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
     for path, s in zip(output_paths(out, seed, count), range(seed, seed + count)):
         req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps,
                                 guidance=guidance, width=width, height=height, images=tuple(map(str, images)),
-                                strength=strength, loras=tuple(loras), mask=str(mask) if mask else None)
+                                strength=strength, loras=tuple(loras), mask=str(mask) if mask else None,
+                                controls=tuple(controls))
         if step_bar is None:
             result = pipe.generate(req)
         else:

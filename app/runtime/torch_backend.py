@@ -51,14 +51,29 @@ class TorchBackend:
 
     def load(self, spec, dtype=None) -> torch.nn.Module:
         """The component's source module, with the export's fused LoRAs where it is the transformer."""
-        from app.models.loading import load_component
+        from app.models.loading import load_component, load_controlnet
 
+        if spec.role == "controlnet":  # export --controlnet's folder, as recorded (checked against its sha256)
+            return load_controlnet(spec.source, self.folder, self.controlnet(spec)["shares_transformer_pos_embed"],
+                                   dtype)
         module = load_component(self.folder, spec.source, dtype)
         if spec.role == "transformer" and self.fused_loras:
             from app.runtime.loras import fuse_loras
 
             fuse_loras(module, self.folder.index["_class_name"], self.fused_loras)
         return module
+
+    def controlnet(self, spec) -> dict:
+        """The manifest's record of a ControlNet component, its source folder checked against the export's hashes."""
+        from app.bundle.files import sha256_file
+
+        record = self.bundle.manifest["controlnets"][spec.name.removeprefix("controlnet_")]
+        src = Path(record["source"]["path"])
+        files = {"config.json": record["source"]["config_sha256"], **record["source"]["weights_sha256"]}
+        if any(not (src / n).is_file() or sha256_file(src / n) != h for n, h in files.items()):
+            raise BundleError(f"the PyTorch reference needs the ControlNet folder {src} this bundle was exported "
+                              "from, unchanged; it is missing or differs: use --backend onnxruntime")
+        return record
 
     def spec(self, component: str):
         """The component's inputs as the bundle has them (with a run-time LoRA bundle's side-branch inputs)."""

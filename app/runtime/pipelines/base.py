@@ -49,9 +49,14 @@ class GenerationRequest:
     mask: str | None = None
     # Run-time LoRAs from the site library, (name, strength) each (bundles exported with --runtime-lora)
     loras: tuple[tuple[str, float], ...] = ()
+    # SD3.5 ControlNet (bundles exported with --controlnet): app.runtime.controls.Control each
+    controls: tuple = ()
 
     def __post_init__(self):  # JSON gives lists ([[name, strength], ...]); the request holds tuples
+        from app.runtime.controls import Control
+
         object.__setattr__(self, "loras", tuple((str(n), float(s)) for n, s in self.loras))
+        object.__setattr__(self, "controls", tuple(Control.of(c) for c in self.controls))
 
 
 @dataclass
@@ -64,6 +69,7 @@ class GenerationResult:
     loras: list[dict] = field(default_factory=list)  # name, strength, sha256, rank, signature of each LoRA
     notes: list[str] = field(default_factory=list)  # status lines: what preprocessing did (a reference scaled)
     mask: dict | None = None  # name, sha256, path, size of the inpainting mask
+    controls: list[dict] = field(default_factory=list)  # each control image's record, net, scale, start, end
 
 
 @dataclass
@@ -83,6 +89,7 @@ class Job:
     loras: list[dict] = field(default_factory=list)  # what the metadata records about each LoRA
     notes: list[str] = field(default_factory=list)  # status lines for the result (GenerationResult.notes)
     mask: object | None = None  # the inpainting mask as read (references.InputImage), prepared by the family
+    controls: list[dict] = field(default_factory=list)  # what the metadata records about each control image
 
 
 class Pipeline:
@@ -185,11 +192,16 @@ class Pipeline:
         from app.runtime.loras import lora_inputs
         from app.runtime.references import check_count_and_strength, read_image
 
+        from app.runtime.controls import check_controls, read_controls
+
         check_count_and_strength(self.bundle, tuple(req.images), req.strength, req.mask)
+        controls = check_controls(self.bundle, req.controls, req.images)
         lora, loras = lora_inputs(self.bundle.manifest, req.loras, self.lora_library, f"bundle {self.bundle.root}")
         inputs = [read_image(p) for p in req.images]
         mask = read_image(req.mask, "--mask") if req.mask else None
-        req = self.resolve(req, self.image_size(req, inputs) if inputs else None)
+        control_inputs = read_controls(controls)
+        sizing = inputs or control_inputs  # the output takes the (first) input image's size by default
+        req = self.resolve(req, self.image_size(req, sizing) if sizing else None)
         self.warnings = []
         tokens = self.tokenize(req)
         noise, state = self.initial_noise(req)
@@ -198,6 +210,8 @@ class Pipeline:
                   references=[i.record() for i in inputs], lora=lora, loras=loras, mask=mask)
         if inputs:
             self.prepare_images(job, inputs)
+        if controls:
+            self.prepare_controls(job, controls, control_inputs)
         return job
 
     # ----- device side -------------------------------------------------------------------------------------
@@ -217,7 +231,7 @@ class Pipeline:
         if self.low_vram:  # the plan says the components do not fit together: text encoders leave first
             self.release(self.text_encoders)
         state = {**self.device_state(job), "lora": self.lora_on_device(job)}
-        if job.images:  # the VAE encoder, once per job, before the denoising loop
+        if job.images or "controls" in job.state:  # the VAE encoder, once per job, before the denoising loop
             state = self.encode_images(job, state)
             if self.low_vram:
                 self.release(("vae_encoder",))
@@ -229,6 +243,7 @@ class Pipeline:
         for i, t in enumerate(job.timesteps):
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("generation cancelled")
+            state["step"] = (i, n)  # which step of how many (SD3.5 ControlNet's start/end window)
             pred = self.predict(latents, t, req, cond, state)
             # FlowMatchEulerDiscreteScheduler.step, in float32 as diffusers computes dt.
             dt = float(np.float32(job.sigmas[i + 1]) - np.float32(job.sigmas[i]))
@@ -305,7 +320,8 @@ class Pipeline:
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(image=image, request=job.req, timings=timings, warnings=list(self.warnings),
                                 references=list(job.references), loras=list(job.loras), notes=list(job.notes),
-                                mask=job.mask.record() if job.mask is not None else None)
+                                mask=job.mask.record() if job.mask is not None else None,
+                                controls=list(job.controls))
 
     def _gpu_failure(self, exc: BaseException, req: GenerationRequest, timings: dict):
         """A GPU failure as one sentence with the numbers: the plan's peak for this size and NVML's free bytes."""
@@ -368,6 +384,8 @@ class Pipeline:
     def device_state(self, job: Job) -> dict: return dict(job.state)
     def image_size(self, req: GenerationRequest, inputs: list) -> tuple[int, int] | None: return None
     def prepare_images(self, job: Job, inputs: list) -> None: raise NotImplementedError
+    def prepare_controls(self, job: Job, controls: list, inputs: list) -> None:
+        raise UsageError("--control is SD3.5 ControlNet; this bundle's family has none")
     def encode_images(self, job: Job, state: dict) -> dict: raise NotImplementedError
     def initial_latents(self, job: Job, state: dict) -> torch.Tensor: return self.to_device(job.noise)
     def predict(self, latents, t: float, req: GenerationRequest, cond, state) -> torch.Tensor:

@@ -117,8 +117,86 @@ class SD3Pipeline(Pipeline):
         job.images.append(processor.preprocess(inputs[0].image, height=job.req.height, width=job.req.width).float())
 
     def encode_images(self, job: Job, state: dict) -> dict:
+        if "controls" in job.state:
+            return {**state, "controls": self.encode_controls(job.state["controls"])}
         init = self.run_vae_encoder({"image": job.images[0], "noise": job.state["posterior_noise"]})
         return {**state, "init_latents": init}
+
+    # ----- ControlNet: StableDiffusion3ControlNetPipeline ------------------------------------------------------
+    def prepare_controls(self, job: Job, controls: list, inputs: list) -> None:
+        """Each control image at the output size, preprocessed, as the VAE encoder's NCHW [-1, 1] input, with
+        the posterior noise diffusers' latent_dist.sample() draws for it: one draw of CFG's doubled batch per
+        control, in order, from torch's global RNG, which a caller of diffusers seeds with torch.manual_seed
+        (here: a generator seeded with the request's seed, the same numbers)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        from app.runtime.controls import control_picture, control_records
+
+        p = self.bundle.manifest["pipeline"]
+        nets = self.bundle.manifest["controlnets"]
+        processor = VaeImageProcessor(vae_scale_factor=p["vae_scale_factor"], vae_latent_channels=p["latent_channels"])
+        req = job.req
+        batch = 2 if req.guidance > 1.0 else 1
+        scale = p["vae_scale_factor"]
+        g = torch.Generator("cpu").manual_seed(req.seed)
+        prepared = []
+        for c, i in zip(controls, inputs):
+            picture = control_picture(i.image, req.width, req.height, nets[c.name]["preprocessor"], c.preprocess)
+            image = processor.preprocess(picture, height=req.height, width=req.width).float()
+            noise = torch.randn((batch, p["latent_channels"], req.height // scale, req.width // scale), generator=g,
+                                dtype=torch.float32)
+            prepared.append({"name": c.name, "image": image, "noise": noise, "scale": c.scale, "start": c.start,
+                             "end": c.end})
+        job.state["controls"] = prepared
+        job.controls = control_records(controls, inputs)
+
+    def encode_controls(self, controls: list[dict]) -> list[dict]:
+        """The control latents on the device: the VAE encoder once per CFG half (its profiles are batch 1; each
+        half has its own posterior noise), shifted as the net's force_zeros_for_pooled_projection says."""
+        p = self.bundle.manifest["pipeline"]
+        out = []
+        for c in controls:
+            net = self.bundle.manifest["controlnets"][c["name"]]
+            halves = [self.run_vae_encoder({"image": c["image"], "noise": n.unsqueeze(0)}) for n in c["noise"]]
+            latents = torch.cat(halves) if len(halves) > 1 else halves[0]
+            if net["force_zeros_for_pooled_projection"]:  # the encoder subtracted the VAE's shift; these nets skip it
+                latents = latents + p["vae_shift_factor"] * p["vae_scaling_factor"]
+            out.append({**c, "latents": latents, "net": net})
+        return out
+
+    def control_residuals(self, x, timestep, embeds, pooled, state) -> torch.Tensor | None:
+        """The residual stack the transformer adds, summed over the request's nets at this step's scales (the
+        nets outside their start/end window are not run: their scale is 0); zeros when none applies."""
+        from app.bundle.families import CONTROLNET_RESIDUALS
+        from app.runtime.controls import keep
+
+        nets = self.bundle.manifest.get("controlnets")
+        if not nets:
+            return None
+        i, n = state["step"]
+        total = None
+        for c in state.get("controls", ()):
+            scale = c["scale"] * keep(i, n, c["start"], c["end"])
+            if scale == 0.0:
+                continue
+            net = c["net"]
+            feeds = {"hidden_states": x, "controlnet_cond": c["latents"], "timestep": timestep,
+                     "pooled_projections": torch.zeros_like(pooled) if net["force_zeros_for_pooled_projection"]
+                     else pooled}
+            if net["uses_text"]:
+                feeds["encoder_hidden_states"] = embeds
+            out = self.backend.run(net["component"], feeds)["block_samples"].float() * scale
+            total = out if total is None else total + out
+        if total is None:
+            key = (x.shape[0], x.shape[2], x.shape[3])
+            if state.get("zero_residuals", (None,))[0] != key:
+                shape = self._input("transformer", CONTROLNET_RESIDUALS)["shape"]
+                patch = self.bundle.manifest["pipeline"]["patch"]
+                tokens = (x.shape[2] // patch) * (x.shape[3] // patch)
+                state["zero_residuals"] = (key, torch.zeros((shape[0], x.shape[0], tokens, shape[3]),
+                                                            dtype=torch.float32, device=self.device))
+            total = state["zero_residuals"][1]
+        return total
 
     def initial_latents(self, job: Job, state: dict) -> torch.Tensor:
         noise = self.to_device(job.noise)
@@ -129,13 +207,16 @@ class SD3Pipeline(Pipeline):
         return float(sigma) * noise + float(np.float32(1.0) - sigma) * state["init_latents"]
 
     def predict(self, latents, t, req, cond, state):
+        from app.bundle.families import CONTROLNET_RESIDUALS
+
         embeds, pooled = cond
         cfg = embeds.shape[0] == 2
         x = torch.cat([latents] * 2) if cfg else latents
+        timestep = torch.full((x.shape[0],), t, dtype=torch.float32, device=self.device)
+        residuals = self.control_residuals(x, timestep, embeds, pooled, state)
         pred = self.backend.run("transformer", {
-            "hidden_states": x, "encoder_hidden_states": embeds, "pooled_projections": pooled,
-            "timestep": torch.full((x.shape[0],), t, dtype=torch.float32, device=self.device),
-            **state["lora"],
+            "hidden_states": x, "encoder_hidden_states": embeds, "pooled_projections": pooled, "timestep": timestep,
+            **({CONTROLNET_RESIDUALS: residuals} if residuals is not None else {}), **state["lora"],
         })["noise_pred"].float()
         if cfg:
             uncond, text = pred.chunk(2)
