@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD3.5 ControlNet: condition on IMAGE with the bundle's ControlNet NAME at SCALE (default 1) "
                         "from START to END (fractions of the steps, default 0:1); repeat for several nets. The "
                         "image is stretched to the output size, then edge-detected (canny) or blurred (blur)")
+    g.add_argument("--zero-negative", action="store_true",
+                   help="SD3.5: CFG against zeroed negative embeddings, as ComfyUI's ConditioningZeroOut negative "
+                        "(diffusers: negative_prompt_embeds of zeros), instead of the encoded --negative-prompt")
     g.add_argument("--control-as-is", action="store_true",
                    help="the --control images are already the nets' maps (edges, blurred, depth): no preprocessing")
     g.add_argument("--low-vram", action="store_true", default=None,
@@ -349,6 +352,7 @@ def cmd_generate(args) -> int:
         model=args.model, count=args.count, out=args.out, say=say, step_bar=step_bar, device=args.device,
         low_vram=args.low_vram, images=tuple(args.image), strength=args.strength, loras=tuple(args.lora),
         mask=args.mask, controls=tuple(replace(c, preprocess=not args.control_as_is) for c in args.control),
+        zero_negative=args.zero_negative,
     )
     for p in paths:
         print(p)

@@ -212,3 +212,33 @@ def template_bundles(tmp_path_factory) -> dict[str, Path]:
 
     root = shared(tmp_path_factory, "template-bundles", make)
     return {"klein": root / "klein-tpl", "sd3": root / "sd3-tpl"}
+
+
+# SD3.5 ControlNet (docs/CONTROLNET.md): a held-out-style SD3 (four blocks, 3 heads of 8, 8 latent channels, 40-wide
+# T5, 24-wide CLIPs, a 40-patch position table) with three random 3-layer nets: two as SD3.5 Large's (single blocks,
+# no text, the transformer's position table, zero pooled input) and one as InstantX's (joint blocks with the
+# prompt, its own table, force_zeros_for_pooled_projection off). 4 blocks over 3 residuals: the per-block index
+# int(i / (4/3)) is not i * 3 // 4 everywhere.
+CONTROLNET_SD3 = dict(layers=4, heads=3, head_dim=8, latent_channels=8, t5_width=40, clip_hidden=24,
+                      pos_embed_max_size=40)
+CONTROLNETS = (("canny", "large", 1), ("depth", "large", 2), ("instantx", "instantx", 3))
+
+
+@pytest.fixture(scope="session")
+def controlnet_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder holding model/ and one folder per net, bundle with the three nets), made once per run."""
+    from export import synthetic
+
+    def make(out):
+        from app.cli import main
+
+        model = synthetic.save(synthetic.build_sd3(size=synthetic.SD3Size(**CONTROLNET_SD3)), out / "model")
+        args = []
+        for name, style, seed in CONTROLNETS:
+            synthetic.build_sd3_controlnet(model, 3, style, seed).save_pretrained(out / name, safe_serialization=True)
+            args += ["--controlnet", f"{name}={out / name}"]
+        assert main(["export", "--model", str(model), "--out", str(out / "bundle"), "--min-size", "32",
+                     "--max-size", "160", *args]) == 0
+
+    root = shared(tmp_path_factory, "controlnet", make)
+    return root, root / "bundle"

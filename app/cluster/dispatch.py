@@ -44,7 +44,9 @@ class _RemotePipeline:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         w = self.worker
-        refs = {Path(p).name: Path(p).read_bytes() for p in request.images} if request.images else None
+        from app.cluster.replica import input_files
+
+        refs = input_files(request) or None
         cancelled_sent = False
         try:
             for ref in w.replica.generate.remote(self.name, self.wanted, request, refs):

@@ -85,15 +85,8 @@ class Replica:
             self._cancel = cancel
         events: queue.Queue = queue.Queue()
         with tempfile.TemporaryDirectory(prefix="edgegen-refs-") as tmp:
-            if references:  # uploaded reference images travel with the job; the server's input folder is not here
-                paths = []
-                for fname, data in references.items():
-                    p = Path(tmp) / Path(fname).name
-                    p.write_bytes(data)
-                    paths.append(str(p))
-                from dataclasses import replace
-
-                request = replace(request, images=tuple(paths))
+            if references:  # the job's input files travel with it; the server's input folder is not here
+                request = localised(request, references, Path(tmp))
             worker = threading.Thread(target=self._run, args=(name, wanted, request, cancel, events), daemon=True)
             worker.start()
             while True:
@@ -135,3 +128,24 @@ class Replica:
         self._audit.record(**audit, prompt=r.prompt, negative_prompt=r.negative_prompt, source="cluster-replica",
                            output=None)
         return meta, audit
+
+
+def input_files(request) -> dict[str, bytes]:
+    """Every file a request reads (reference / init images, the inpainting mask, ControlNet images), by the path
+    the request names, read on the server for the replica."""
+    paths = [*request.images, *([request.mask] if request.mask else []), *(c.image for c in request.controls)]
+    return {p: Path(p).read_bytes() for p in paths}
+
+
+def localised(request, files: dict[str, bytes], folder: Path):
+    """The request with each input path replaced by its copy under `folder` (numbered: two inputs may share a name)."""
+    from dataclasses import replace
+
+    local = {}
+    for i, (path, data) in enumerate(files.items()):
+        p = folder / f"{i}-{Path(path).name}"
+        p.write_bytes(data)
+        local[path] = str(p)
+    return replace(request, images=tuple(local[p] for p in request.images),
+                   mask=local[request.mask] if request.mask else None,
+                   controls=tuple(replace(c, image=local[c.image]) for c in request.controls))

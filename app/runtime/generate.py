@@ -30,7 +30,7 @@ def image_metadata(bundle, backend, result) -> dict:
         "prompt": r.prompt, "negative_prompt": r.negative_prompt, "seed": r.seed, "steps": r.steps,
         "guidance": r.guidance, "width": r.width, "height": r.height, "model": bundle.manifest["source"]["name"],
         "family": bundle.manifest["family"], "bundle_sha256": bundle.manifest_sha256, "backend": backend.name,
-        "precision": bundle.precision, "edgegen": __version__,
+        "precision": bundle.precision, "edgegen": __version__, **({"zero_negative": True} if r.zero_negative else {}),
         **image_inputs_metadata(result), **lora_metadata(result), **control_metadata(result),
     }
 
@@ -68,7 +68,8 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
                    steps=None, guidance=None, width=None, height=None, backend: str = "auto", model=None,
                    count: int = 1, say: Callable[[str], None] = print, step_bar=None, device: str = "auto",
                    low_vram: bool | None = None, images: tuple = (), strength: float | None = None,
-                   loras: tuple = (), mask: Path | None = None, controls: tuple = ()) -> list[Path]:
+                   loras: tuple = (), mask: Path | None = None, controls: tuple = (),
+                   zero_negative: bool = False) -> list[Path]:
     from app.errors import UsageError
     from app.runtime.references import check_cli_images, check_count_and_strength, check_images, read_image
 
@@ -117,7 +118,7 @@ def generate_files(*, bundle_dir: Path, prompt: str, out: Path, negative_prompt:
         req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=s, steps=steps,
                                 guidance=guidance, width=width, height=height, images=tuple(map(str, images)),
                                 strength=strength, loras=tuple(loras), mask=str(mask) if mask else None,
-                                controls=tuple(controls))
+                                controls=tuple(controls), zero_negative=zero_negative)
         if step_bar is None:
             result = pipe.generate(req)
         else:

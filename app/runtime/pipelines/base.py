@@ -51,6 +51,9 @@ class GenerationRequest:
     loras: tuple[tuple[str, float], ...] = ()
     # SD3.5 ControlNet (bundles exported with --controlnet): app.runtime.controls.Control each
     controls: tuple = ()
+    # SD3.5 CFG against zeroed negative embeddings (ComfyUI's ConditioningZeroOut; diffusers' negative_prompt_embeds
+    # and negative_pooled_prompt_embeds of zeros) instead of the encoded negative prompt
+    zero_negative: bool = False
 
     def __post_init__(self):  # JSON gives lists ([[name, strength], ...]); the request holds tuples
         from app.runtime.controls import Control
@@ -133,6 +136,9 @@ class Pipeline:
                                  "pick a size inside it or re-export with --min-size/--max-size")
         if req.steps < 1:
             raise UsageError(f"--steps {req.steps} must be at least 1")
+        if req.zero_negative and self.bundle.manifest["family"] != "sd3.5":
+            raise UsageError("--zero-negative is SD3.5's (ComfyUI's ConditioningZeroOut as the negative); FLUX.2 "
+                             "Klein's CFG uses the empty prompt")
         if req.seed < 0 or req.seed >= 2**63:
             raise UsageError(f"--seed {req.seed} must be between 0 and 2**63-1")
         return req
@@ -352,7 +358,7 @@ class Pipeline:
     def encode_cached(self, job: Job):
         """encode(), or the previous result when it was for the same prompt, negative prompt and guidance."""
         req = job.req
-        key = (req.prompt, req.negative_prompt, req.guidance)
+        key = (req.prompt, req.negative_prompt, req.guidance, req.zero_negative)
         if self._last_cond is not None and self._last_cond[0] == key:
             self.warnings = list(self._last_cond[2])
             return self._last_cond[1]

@@ -39,8 +39,10 @@ class SD3Pipeline(Pipeline):
 
     def tokenize(self, req: GenerationRequest) -> dict:
         # CFG: [negative, positive] in one batch, as diffusers does
+        cfg = req.guidance > 1.0
         return {"pos": self._prompt_tokens(req.prompt),
-                "neg": self._prompt_tokens(req.negative_prompt) if req.guidance > 1.0 else None}
+                "neg": self._prompt_tokens(req.negative_prompt) if cfg and not req.zero_negative else None,
+                "zero_negative": cfg and req.zero_negative}
 
     def _clip(self, name: str, ids: torch.Tensor):
         out = self.backend.run(name, {"input_ids": self.to_device(ids)})
@@ -62,6 +64,8 @@ class SD3Pipeline(Pipeline):
 
     def encode_tokens(self, tokens: dict, req: GenerationRequest):
         embeds, pooled = self._embed(tokens["pos"])
+        if tokens.get("zero_negative"):  # ConditioningZeroOut: CFG against zeros
+            return torch.cat([torch.zeros_like(embeds), embeds]), torch.cat([torch.zeros_like(pooled), pooled])
         if tokens["neg"] is not None:
             neg, neg_pooled = self._embed(tokens["neg"])
             return torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
