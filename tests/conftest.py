@@ -198,7 +198,8 @@ TEMPLATE_SD3 = dict(vae_channels=(32, 32, 32, 32), vae_mid_attention=False, head
 
 @pytest.fixture(scope="session")
 def template_bundles(tmp_path_factory) -> dict[str, Path]:
-    """{"klein": bundle, "sd3": bundle} sized for ComfyUI's templates, exported once per run."""
+    """{"klein": bundle, "sd3": bundle} sized for ComfyUI's templates, exported once per run; the SD3 bundle carries
+    the canny and blur ControlNets (its plain templates run with the residual input at zeros)."""
     from export import synthetic
 
     def make(out):
@@ -206,9 +207,13 @@ def template_bundles(tmp_path_factory) -> dict[str, Path]:
 
         k = synthetic.save(synthetic.build_klein(synthetic.KleinSize(**TEMPLATE_KLEIN)), out / "klein-model")
         s = synthetic.save(synthetic.build_sd3(size=synthetic.SD3Size(**TEMPLATE_SD3)), out / "sd3-model")
-        for model, name, top in ((k, "klein-tpl", "1280"), (s, "sd3-tpl", "1024")):
+        nets = []  # SD3.5 Large-style canny and blur nets, as the sd3.5_large_canny / blur templates load
+        for name, seed in (("canny", 11), ("blur", 12)):
+            synthetic.build_sd3_controlnet(s, 1, "large", seed).save_pretrained(out / name, safe_serialization=True)
+            nets += ["--controlnet", f"{name}={out / name}"]
+        for model, name, top, extra in ((k, "klein-tpl", "1280", []), (s, "sd3-tpl", "1024", nets)):
             assert main(["export", "--model", str(model), "--out", str(out / name), "--min-size", "256",
-                         "--max-size", top]) == 0
+                         "--max-size", top, *extra]) == 0
 
     root = shared(tmp_path_factory, "template-bundles", make)
     return {"klein": root / "klein-tpl", "sd3": root / "sd3-tpl"}

@@ -21,7 +21,9 @@ TEMPLATES = Path(templates.__file__).parent / "templates"
 
 KLEIN_NAMES = ("flux-2-klein-base-4b.safetensors", "flux-2-klein-4b.safetensors", "flux-2-klein-4b-fp8.safetensors",
                "qwen_3_4b.safetensors", "flux2-vae.safetensors")
-ALIASES = tuple((n, "klein-tpl") for n in KLEIN_NAMES) + (("sd3.5_large_fp8_scaled.safetensors", "sd3-tpl"),)
+ALIASES = tuple((n, "klein-tpl") for n in KLEIN_NAMES) + (("sd3.5_large_fp8_scaled.safetensors", "sd3-tpl"),
+                                                          ("sd3.5_large_controlnet_canny.safetensors", "canny"),
+                                                          ("sd3.5_large_controlnet_blur.safetensors", "blur"))
 
 
 def template(name: str) -> dict:
@@ -142,9 +144,76 @@ def test_batch_runs_the_ui_format_template(server, template_bundles, tmp_path):
     assert [r["status"] for r in results] == ["success", "success"], results
 
 
+def _upload(server, path):
+    up = requests.post(f"{server.url}/upload/image", files={"image": (path.name, path.read_bytes(), "image/png")},
+                       timeout=30)
+    assert up.status_code == 200 and up.json()["name"] == path.name
+
+
+def _comfy_upscale(img: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """comfy.utils.common_upscale with crop "center", written out here from ComfyUI's arithmetic (not edgegen's)."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
+    ow, oh = x.shape[-1], x.shape[-2]
+    old, new = ow / oh, width / height
+    dx = round((ow - ow * (new / old)) / 2) if old > new else 0
+    dy = round((oh - oh * (old / new)) / 2) if old < new else 0
+    x = x.narrow(-2, dy, oh - 2 * dy).narrow(-1, dx, ow - 2 * dx)
+    y = torch.nn.functional.interpolate(x, size=(height, width), mode=mode)
+    return Image.fromarray((y[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+
+
+def test_sd35_canny_controlnet_template_equals_generate(server, template_bundles, tmp_path):
+    """ComfyUI's SD3.5 Large canny template, unchanged: LoadImage -> ImageScale (bilinear, centre crop) -> Canny
+    (0.3 / 0.6) -> ControlNetApplyAdvanced (0.66) on CLIPTextEncode and its ConditioningZeroOut -> KSampler."""
+    import torch
+    from kornia.filters import canny
+
+    src = tmp_path / "sd3.5_large_canny_controlnet_example_input_image.png"
+    Image.open(_handbag(tmp_path)).save(src)  # 1200x900: the centre crop cuts 150 px a side
+    _upload(server, src)
+    wf = template("sd3.5_large_canny_controlnet_example")
+    entry, served = run(server, wf)
+    assert served.shape == (1024, 1024, 3)
+    assert any("PreviewImage" in m[1].get("message", "") for m in entry["status"]["messages"])
+    k, apply = inner(wf, "KSampler"), inner(wf, "ControlNetApplyAdvanced")
+    c = inner(wf, "Canny")
+    scaled = _comfy_upscale(Image.open(src), 1024, 1024, "bilinear")
+    x = torch.from_numpy(np.asarray(scaled, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    edges = (canny(x, c["low_threshold"], c["high_threshold"])[1][0, 0] * 255).round().byte().numpy()
+    Image.fromarray(edges).convert("RGB").save(tmp_path / "edges.png")
+    prompt = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
+    cli = generate(template_bundles["sd3"], tmp_path / "canny.png", "--prompt", prompt, "--seed", str(k["seed"]),
+                   "--steps", str(k["steps"]), "--guidance", str(k["cfg"]), "--width", "1024", "--height", "1024",
+                   "--zero-negative", "--control-as-is", "--control",
+                   f"canny:{tmp_path / 'edges.png'}:{apply['strength']}:{apply['start_percent']}:{apply['end_percent']}")
+    assert np.array_equal(served, cli)
+    plain = generate(template_bundles["sd3"], tmp_path / "plain.png", "--prompt", prompt, "--seed", str(k["seed"]),
+                     "--steps", "4", "--guidance", str(k["cfg"]), "--width", "1024", "--height", "1024",
+                     "--zero-negative")
+    assert psnr(served, plain) < 40  # the net took effect
+
+
+def test_sd35_blur_controlnet_template_equals_generate(server, template_bundles, tmp_path):
+    """ComfyUI's SD3.5 Large blur template: the uploaded (already blurred) image straight into the net, fitted to
+    the latent's size as ComfyUI's ControlNet does (nearest-exact, centre crop)."""
+    src = tmp_path / "sd3.5_large_blur_input_image.png"
+    Image.open(_handbag(tmp_path)).resize((600, 450)).save(src)
+    _upload(server, src)
+    wf = template("sd3.5_large_blur")
+    _, served = run(server, wf)
+    k, apply = inner(wf, "KSampler"), inner(wf, "ControlNetApplyAdvanced")
+    _comfy_upscale(Image.open(src), 1024, 1024, "nearest-exact").save(tmp_path / "fit.png")
+    prompt = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
+    cli = generate(template_bundles["sd3"], tmp_path / "blur.png", "--prompt", prompt, "--seed", str(k["seed"]),
+                   "--steps", str(k["steps"]), "--guidance", str(k["cfg"]), "--width", "1024", "--height", "1024",
+                   "--zero-negative", "--control-as-is", "--control",
+                   f"blur:{tmp_path / 'fit.png'}:{apply['strength']}:{apply['start_percent']}:{apply['end_percent']}")
+    assert np.array_equal(served, cli)
+
+
 @pytest.mark.parametrize("name, node", [
-    ("sd3.5_large_canny_controlnet_example", "ControlNetLoader"),
-    ("sd3.5_large_blur", "ControlNetApplyAdvanced"),
     ("image_flux2_klein_9b_kv_image_edit", "FluxKVCache"),
     ("image_flux3_klein_t2i", "Flux3LayoutPrompt"),
 ])

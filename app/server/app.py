@@ -383,7 +383,19 @@ def _object_info(bundles, cfg) -> dict:
     from app.bundle.loras import names as lora_names
     from app.server.nodes import object_info
 
-    return object_info(bundles.names(), lora_names(), input_images(cfg.input_dir), [a for a, _ in cfg.aliases])
+    return object_info(bundles.names(), lora_names(), input_images(cfg.input_dir), [a for a, _ in cfg.aliases],
+                       controlnet_names(bundles))
+
+
+def controlnet_names(bundles) -> list[str]:
+    """The served bundles' ControlNets by name (ControlNetLoader's choices, /models/controlnet)."""
+    nets = set()
+    for path in bundles.all().values():
+        try:
+            nets.update((bundles.manifest(path).get("controlnets") or {}))
+        except Exception:  # noqa: BLE001 - a damaged bundle lists no nets; loading it says what is wrong
+            continue
+    return sorted(nets)
 
 
 def input_images(folder: Path) -> list[str]:
@@ -424,6 +436,8 @@ async def get_models_folder(request: web.Request) -> web.Response:
         return web.json_response(_ctx(request)[4].names())
     if folder == "loras":
         return web.json_response([f"{n}.safetensors" for n in lora_names()])
+    if folder == "controlnet":
+        return web.json_response(controlnet_names(_ctx(request)[4]))
     return web.json_response([])
 
 

@@ -12,6 +12,8 @@ Node sets (docs/api/README.md lists each node's inputs and what edgegen does wit
   EmptyFlux2LatentImage, Flux2Scheduler, RandomNoise, KSamplerSelect, CFGGuider / BasicGuider,
   SamplerCustomAdvanced, VAEDecode, and for editing LoadImage, ImageScaleToTotalPixels, GetImageSize, VAEEncode,
   ReferenceLatent;
+- SD3.5 ControlNet's templates: ControlNetLoader (a net of the model's bundle, by name or alias),
+  ControlNetApplyAdvanced / ControlNetApplySD3, Canny (kornia, as ComfyUI's node) and ImageScale;
 - ComfyUI's primitive nodes (PrimitiveInt, PrimitiveString, ...), whose values may feed any widget input.
 Loaders name a bundle, or a model file name the site aliased to one (`serve --alias`).
 """
@@ -30,30 +32,28 @@ CLASSIC = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "Empt
 NATIVE = ("UNETLoader", "CLIPLoader", "VAELoader", "ConditioningZeroOut", "EmptyFlux2LatentImage",
           "Flux2Scheduler", "RandomNoise", "KSamplerSelect", "CFGGuider", "BasicGuider", "SamplerCustomAdvanced",
           "LoadImage", "ImageScaleToTotalPixels", "GetImageSize", "VAEEncode", "ReferenceLatent", "LoadImageMask",
-          "SetLatentNoiseMask")
+          "SetLatentNoiseMask", "ControlNetLoader", "ControlNetApplyAdvanced", "ControlNetApplySD3", "Canny",
+          "ImageScale", "PreviewImage")
 PRIMITIVES = ("PrimitiveInt", "PrimitiveFloat", "PrimitiveString", "PrimitiveStringMultiline", "PrimitiveBoolean")
 NODES = CLASSIC + NATIVE + PRIMITIVES
 # What to use instead, for nodes users reach for that edgegen does not run (one line each).
 INSTEAD = {
-    "ControlNetLoader": "SD3.5 ControlNet is not in edgegen yet (issue: image conditioning)",
-    "ControlNetApplyAdvanced": "SD3.5 ControlNet is not in edgegen yet (issue: image conditioning)",
-    "ControlNetApplySD3": "SD3.5 ControlNet is not in edgegen yet (issue: image conditioning)",
     "FluxKVCache": "the FLUX.2 Klein KV-cache variant is not in edgegen yet; the same edit runs without it",
     "UpscaleModelLoader": "upscalers are not in edgegen yet; save the image and upscale it outside",
     "ImageUpscaleWithModel": "upscalers are not in edgegen yet; save the image and upscale it outside",
     "VAEEncodeForInpaint": "FLUX.2 Klein inpainting: VAEEncode -> SetLatentNoiseMask (with LoadImage's MASK or "
                            "LoadImageMask) into the sampler's latent_image",
     "KSamplerAdvanced": "use KSampler, or SamplerCustomAdvanced with RandomNoise / CFGGuider / Flux2Scheduler",
-    "PreviewImage": "use SaveImage (edgegen saves every image it makes)",
     "FluxGuidance": "FLUX.2 Klein has no guidance embedding; use CFGGuider's cfg",
     "TextEncodeQwenImageEditPlus": "Qwen-Image is not an edgegen family",
     "Flux3LayoutPrompt": "FLUX.3 Klein is not an edgegen family yet",
     "CreateBoundingBoxes": "FLUX.3 Klein's layout boxes: FLUX.3 is not an edgegen family yet",
     "ReferenceMultiLatent": "FLUX.3 Klein is not an edgegen family yet; FLUX.2 Klein edits with ReferenceLatent",
     "TextGenerate": "edgegen runs no prompt upsampler (a local one may come with FLUX.3 Klein)",
-    "Canny": "SD3.5 ControlNet (and its canny preprocessor) is not in edgegen yet",
-    "ImageScale": "use ImageScaleToTotalPixels",
     "BasicScheduler": "FLUX.2 Klein: Flux2Scheduler; SD3.5: KSampler",
+    "ControlNetApply": "use ControlNetApplyAdvanced (positive and negative, with start/end percent)",
+    "DiffControlNetLoader": "use ControlNetLoader: a bundle's ControlNets are exported with it (export --controlnet)",
+    "SetUnionControlNetType": "union ControlNets are not supported: SD3.5's canny, depth and blur nets are single-type",
 }
 FAMILY_CLIP = {"flux2-klein": "flux2", "sd3.5": "sd3"}  # family -> ComfyUI CLIPLoader type
 RES = 16384
@@ -103,7 +103,30 @@ class Picture:
     node: str
     path: str
     size: tuple[int, int]  # after scaling
-    scale: tuple | None = None  # (method, width, height)
+    scale: tuple | None = None  # (method, width, height[, crop]): ImageScaleToTotalPixels, ImageScale
+    canny: tuple | None = None  # (low, high): ComfyUI's Canny node, after the scale
+
+
+@dataclass(frozen=True)
+class ControlNetChoice:
+    """ControlNetLoader: a name the model's bundle resolves to one of its nets (manifest controlnets)."""
+
+    node: str
+    name: str  # as the graph names it
+    target: str  # after the site's aliases
+
+
+@dataclass(frozen=True)
+class Control:
+    """ControlNetApplyAdvanced / ControlNetApplySD3 on a conditioning: one control image for one net."""
+
+    node: str
+    net: ControlNetChoice
+    picture: Picture
+    strength: float
+    start: float
+    end: float
+    vae: object = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,7 @@ class Cond:
     clip: Clip
     text: str | None  # None: zeroed out (ConditioningZeroOut)
     refs: tuple = ()  # Encoded latents, in the order ReferenceLatent added them
+    controls: tuple = ()  # Control, in the order the apply nodes added them
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,7 @@ class Decoded:
 
 
 TYPE_NAMES = {Model: "MODEL", Clip: "CLIP", Vae: "VAE", Picture: "IMAGE", Cond: "CONDITIONING",
+              ControlNetChoice: "CONTROL_NET",
               Empty: "LATENT", Encoded: "LATENT", Sampled: "LATENT", Mask: "MASK", Masked: "LATENT", Noise: "NOISE", SamplerChoice: "SAMPLER",
               Sigmas: "SIGMAS", Guider: "GUIDER", Decoded: "IMAGE"}
 
@@ -445,6 +470,68 @@ def _scale_total(ev: Evaluator, node):
     return (replace(pic, node=node, size=(w, h), scale=(method, w, h)),)
 
 
+def _image_scale(ev: Evaluator, node):
+    from app.server.nodes import UPSCALE_METHODS
+
+    pic = ev.arg(node, "image", Picture)
+    if pic.canny is not None:
+        raise Bad(node, "ImageScale after Canny is not supported", "scale the image first, then Canny (as ComfyUI's "
+                  "SD3.5 canny template does)", "bad_linked_input", "image")
+    method = ev.arg(node, "upscale_method", str)
+    if method not in UPSCALE_METHODS:
+        raise Bad(node, f"upscale_method {method!r} is not one of {', '.join(UPSCALE_METHODS)}",
+                  input_name="upscale_method")
+    w, h = ev.arg(node, "width", int), ev.arg(node, "height", int)
+    crop = ev.arg(node, "crop", str, default="disabled")
+    if crop not in ("disabled", "center"):
+        raise Bad(node, f"crop {crop!r} is not disabled or center", input_name="crop")
+    if w == 0 and h == 0:
+        return (pic,)
+    ow, oh = pic.size
+    w, h = w or max(1, round(ow * h / oh)), h or max(1, round(oh * w / ow))  # ComfyUI: 0 keeps the aspect
+    if not (1 <= w <= RES and 1 <= h <= RES):
+        raise Bad(node, f"ImageScale to {w}x{h} is outside 1-{RES} px", input_name="width")
+    return (replace(pic, node=node, size=(w, h), scale=(method, w, h, crop)),)
+
+
+def _canny(ev: Evaluator, node):
+    pic = ev.arg(node, "image", Picture)
+    low, high = ev.arg(node, "low_threshold", float, default=0.4), ev.arg(node, "high_threshold", float, default=0.8)
+    if not 0.01 <= low <= high <= 0.99:
+        raise Bad(node, f"Canny thresholds {low:g} / {high:g} must satisfy 0.01 <= low <= high <= 0.99",
+                  input_name="low_threshold")
+    return (replace(pic, node=node, canny=(low, high)),)
+
+
+def _controlnet_loader(ev: Evaluator, node):
+    name = ev.arg(node, "control_net_name", str)
+    return (ControlNetChoice(node, name, ev.aliases.get(name, name)),)
+
+
+def _controlnet_apply(ev: Evaluator, node):
+    positive, negative = ev.arg(node, "positive", Cond), ev.arg(node, "negative", Cond)
+    net = ev.arg(node, "control_net", ControlNetChoice)
+    pic = ev.arg(node, "image", (Picture, Decoded))
+    if isinstance(pic, Decoded):
+        raise Bad(node, "A generated image as the control image is not supported", "save it, then LoadImage it",
+                  "bad_linked_input", "image")
+    strength = ev.arg(node, "strength", float, default=1.0)
+    start, end = ev.arg(node, "start_percent", float, default=0.0), ev.arg(node, "end_percent", float, default=1.0)
+    vae = ev.arg(node, "vae", Vae, default=None, required=False)
+    from app.runtime.controls import MAX_SCALE
+
+    if not 0.0 <= strength <= MAX_SCALE:
+        raise Bad(node, f"strength {strength:g} must be between 0 and {MAX_SCALE:g}", input_name="strength")
+    if not 0.0 <= start < end <= 1.0:
+        raise Bad(node, f"start_percent {start:g} / end_percent {end:g} must satisfy 0 <= start < end <= 1",
+                  "edgegen applies the window as diffusers' control_guidance_start/end (fractions of the steps)",
+                  input_name="start_percent")
+    c = Control(node, net, pic, strength, start, end, vae)
+    if strength == 0.0:  # ComfyUI passes the conditioning through unchanged
+        return positive, negative
+    return replace(positive, controls=(*positive.controls, c)), replace(negative, controls=(*negative.controls, c))
+
+
 def _image_size(ev: Evaluator, node):
     pic = ev.arg(node, "image", Picture)
     return pic.size[0], pic.size[1], 1
@@ -455,6 +542,9 @@ def _vae_encode(ev: Evaluator, node):
     if isinstance(pic, Decoded):
         raise Bad(node, "VAEEncode of a generated image is not supported", "save it, then LoadImage it",
                   "bad_linked_input", "pixels")
+    if pic.canny is not None:
+        raise Bad(node, "VAEEncode of a Canny edge map is not supported", "Canny's image feeds "
+                  "ControlNetApplyAdvanced (an SD3.5 ControlNet's control image)", "bad_linked_input", "pixels")
     return (Encoded(node, pic, ev.arg(node, "vae", Vae)),)
 
 
@@ -551,6 +641,8 @@ HANDLERS = {
     "RandomNoise": _noise, "KSamplerSelect": _sampler_select, "Flux2Scheduler": _flux2_scheduler,
     "CFGGuider": _cfg_guider, "BasicGuider": _basic_guider, "SamplerCustomAdvanced": _custom_advanced,
     "KSampler": _ksampler, "VAEDecode": _decode, "SaveImage": _save, "LoadImageMask": _load_image_mask,
-    "SetLatentNoiseMask": _noise_mask,
+    "SetLatentNoiseMask": _noise_mask, "ImageScale": _image_scale, "Canny": _canny, "PreviewImage": _save,
+    "ControlNetLoader": _controlnet_loader, "ControlNetApplyAdvanced": _controlnet_apply,
+    "ControlNetApplySD3": _controlnet_apply,
     **{p: _primitive for p in PRIMITIVES},
 }

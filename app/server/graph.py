@@ -58,6 +58,9 @@ class Task:
     reference_scales: tuple = ()
     # FLUX.2 Klein inpainting (SetLatentNoiseMask): [image path, channel] the worker turns into a mask file
     mask: tuple | None = None
+    # SD3.5 ControlNet: [net, image path, scale or None ([method, w, h, crop]), canny or None ([low, high]),
+    # strength, start, end] each; the worker prepares the image as ComfyUI does (app/server/worker.py)
+    controls: tuple = ()
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,7 +71,8 @@ class Task:
                    requests=tuple(d["requests"]), filename_prefix=d["filename_prefix"],
                    references=tuple(d.get("references", ())),
                    reference_scales=tuple(d.get("reference_scales", ())),
-                   mask=tuple(d["mask"]) if d.get("mask") else None)
+                   mask=tuple(d["mask"]) if d.get("mask") else None,
+                   controls=tuple(tuple(c) for c in d.get("controls", ())))
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,8 @@ def parse_prompt(graph: object, bundles: BundleIndex, input_dir: Path, aliases: 
         raise GraphError("prompt_no_outputs", "Prompt has no outputs",
                          "add a SaveImage node (or use the EdgegenGenerate node)")
     tasks, notes = [], []
+    for n in sorted((n for n, s in graph.items() if s["class_type"] == "PreviewImage"), key=_node_order):
+        notes.append(f"PreviewImage (node {n}) is not drawn: edgegen returns the images SaveImage saves")
     for out in sorted(outputs, key=_node_order):
         try:
             if graph[out]["class_type"] == "EdgegenGenerate":
@@ -277,13 +283,14 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliase
     if s.positive.text is None:
         raise _Bad(s.positive.node, "The positive conditioning is zeroed out", "link a CLIPTextEncode to positive")
     guided = abs(s.cfg - 1.0) > 1e-6
-    negative = ""
+    negative, zero_negative = "", False
     if s.negative is not None and guided:
-        if s.negative.text is None:
-            raise _Bad(s.negative.node, f"ConditioningZeroOut as the negative with cfg {s.cfg:g} is not supported",
-                       "edgegen's pipelines take a negative prompt (diffusers' default is the empty prompt): use "
+        if s.negative.text is None and family != "sd3.5":
+            raise _Bad(s.negative.node, f"ConditioningZeroOut as the negative with cfg {s.cfg:g} is not supported "
+                       f"for {family}", "FLUX.2 Klein's CFG uses the empty prompt (diffusers' default): use "
                        "CLIPTextEncode with empty text as the negative, or cfg 1")
-        negative = s.negative.text
+        zero_negative = s.negative.text is None  # SD3.5: zeros, as ComfyUI (generate --zero-negative)
+        negative = s.negative.text or ""
         if [r.picture for r in s.negative.refs] != [r.picture for r in s.positive.refs]:
             raise _Bad(s.negative.node, "The negative conditioning must carry the same reference images as the "
                        "positive", "edgegen (as diffusers' Flux2KleinPipeline) conditions both on the same "
@@ -359,6 +366,9 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliase
     extra = {"loras": [list(c) for c in runtime]} if runtime else {}
     if strength is not None:
         extra["strength"] = strength
+    if zero_negative:
+        extra["zero_negative"] = True
+    controls = _controls(s, guided, bundle, images, same_bundle)
     if pictures:
         _check_images(refs[0].node if refs else s.node, bundle.path, tuple(p.path for p in pictures), strength,
                       mask is not None)
@@ -366,8 +376,54 @@ def _comfy(graph: dict, save: str, bundles: BundleIndex, input_dir: Path, aliase
                  for i in range(count))
     sampler = s.node.split("#")[0]
     return (Task(save, sampler, str(bundle.path), reqs, prefix, tuple(p.path for p in pictures),
-                 tuple(list(p.scale) if p.scale else None for p in pictures), tuple(mask) if mask else None),
-            ev.notes)
+                 tuple(list(p.scale) if p.scale else None for p in pictures), tuple(mask) if mask else None,
+                 controls), ev.notes)
+
+
+def _controls(s, guided: bool, bundle, images, same_bundle) -> tuple:
+    """The sampler's ControlNet applications as Task.controls, checked against the model bundle's nets."""
+    controls = s.positive.controls
+    if guided and s.negative is not None and [c.node for c in s.negative.controls] != [c.node for c in controls]:
+        raise _Bad((s.negative.controls or controls)[0].node, "The ControlNet must apply to the positive and the "
+                   "negative conditioning alike", "edgegen (as diffusers' StableDiffusion3ControlNetPipeline) runs "
+                   "each net on both halves of CFG: feed both through the same ControlNetApplyAdvanced")
+    if not controls:
+        return ()
+    manifest, family = bundle.manifest, bundle.manifest.get("family")
+    if family != "sd3.5":
+        raise _Bad(controls[0].node, f"ControlNet is SD3.5's; bundle {bundle.name} is {family}",
+                   "FLUX.2 Klein edits with reference images (ReferenceLatent)")
+    if images:
+        raise _Bad(controls[0].node, "ControlNet with an encoded latent_image (image-to-image) is not supported",
+                   "StableDiffusion3ControlNetPipeline draws from text: use EmptySD3LatentImage")
+    nets = manifest.get("controlnets") or {}
+    out = []
+    for c in controls:
+        if c.vae is not None:
+            same_bundle(c.node, "ControlNetApplyAdvanced's vae", c.vae.bundle)
+        name = _net_name(c.net, nets)
+        if name is None:
+            known = ", ".join(nets) or "none"
+            raise _Bad(c.net.node, f"ControlNet {c.net.name!r} is not in bundle {bundle.name}",
+                       f"its nets: {known}; export the bundle with --controlnet NAME=DIR, or start the server with "
+                       f"--alias {c.net.name}=NAME", "value_not_in_list", "control_net_name")
+        out.append((name, c.picture.path, list(c.picture.scale) if c.picture.scale else None,
+                    list(c.picture.canny) if c.picture.canny else None, c.strength, c.start, c.end))
+    if len({o[0] for o in out}) < len(out):
+        raise _Bad(controls[-1].node, "The same ControlNet is applied twice", "apply each net once")
+    return tuple(out)
+
+
+def _net_name(choice, nets: dict) -> str | None:
+    """A ControlNetLoader name (after aliases) as one of the bundle's nets: the net's name, its file stem, or its
+    source folder's name."""
+    for candidate in (choice.target, Path(choice.target).stem):
+        if candidate in nets:
+            return candidate
+        for name, rec in nets.items():
+            if (rec.get("source") or {}).get("name") == candidate:
+                return name
+    return None
 
 
 def _seed_node(graph, s) -> str:

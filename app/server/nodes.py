@@ -48,10 +48,11 @@ def _node(name, required, outputs=(), category="", description="", optional=None
     }
 
 
-def object_info(bundles: list[str], loras: list[str], images: list[str] = (), aliases: list[str] = ()
-                ) -> dict[str, dict]:
+def object_info(bundles: list[str], loras: list[str], images: list[str] = (), aliases: list[str] = (),
+                controlnets: list[str] = ()) -> dict[str, dict]:
     """Every accepted node type's schema, with this server's bundles and LoRAs as the loaders' choices (and the
-    input folder's images as LoadImage's; `aliases`: model file names a site mapped onto bundles)."""
+    input folder's images as LoadImage's; `aliases`: model file names a site mapped onto bundles or nets;
+    `controlnets`: the bundles' ControlNet names)."""
     from app.bundle.loras import STRENGTH_RANGE
     from app.server.graph import MAX_COUNT
 
@@ -157,6 +158,33 @@ def object_info(bundles: list[str], loras: list[str], images: list[str] = (), al
         _node("ReferenceLatent", {"conditioning": ["CONDITIONING", {}]}, [("CONDITIONING", "CONDITIONING")],
               "advanced/conditioning/edit_models", "Adds a reference image (FLUX.2 Klein editing).",
               optional={"latent": ["LATENT", {}]}, display="ReferenceLatent"),
+        # SD3.5 ControlNet (ComfyUI's sd3.5_large_canny / blur / depth templates)
+        _node("ControlNetLoader", {"control_net_name": [sorted({*controlnets, *aliases}), {
+            "tooltip": "A ControlNet of the model's bundle (export --controlnet NAME=DIR), or a name aliased to one."}]},
+              [("CONTROL_NET", "CONTROL_NET")], "loaders", "One of the model bundle's ControlNets, by name.",
+              display="Load ControlNet Model"),
+        _node("ControlNetApplyAdvanced", {
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "control_net": ["CONTROL_NET"],
+            "image": ["IMAGE"], "strength": _float(1.0, 0.0, 10.0, 0.01),
+            "start_percent": _float(0.0, 0.0, 1.0, 0.001), "end_percent": _float(1.0, 0.0, 1.0, 0.001)},
+              [("CONDITIONING", "positive"), ("CONDITIONING", "negative")], "conditioning/controlnet",
+              "generate --control NET:IMAGE:STRENGTH:START:END (diffusers' StableDiffusion3ControlNetPipeline; the "
+              "window is a fraction of the steps).", optional={"vae": ["VAE"]}, display="Apply ControlNet"),
+        _node("ControlNetApplySD3", {
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "control_net": ["CONTROL_NET"],
+            "vae": ["VAE"], "image": ["IMAGE"], "strength": _float(1.0, 0.0, 10.0, 0.01),
+            "start_percent": _float(0.0, 0.0, 1.0, 0.001), "end_percent": _float(1.0, 0.0, 1.0, 0.001)},
+              [("CONDITIONING", "positive"), ("CONDITIONING", "negative")], "conditioning/controlnet",
+              "As ControlNetApplyAdvanced.", display="Apply Controlnet with VAE"),
+        _node("Canny", {"image": ["IMAGE"], "low_threshold": _float(0.4, 0.01, 0.99, 0.01),
+                        "high_threshold": _float(0.8, 0.01, 0.99, 0.01)},
+              [("IMAGE", "IMAGE")], "image/preprocessors", "Edges with kornia.filters.canny, as ComfyUI's node.",
+              display="Canny"),
+        _node("ImageScale", {"image": ["IMAGE"], "upscale_method": [list(UPSCALE_METHODS)],
+                             "width": _int(512, 0, MAX_SIZE, 1), "height": _int(512, 0, MAX_SIZE, 1),
+                             "crop": [["disabled", "center"]]},
+              [("IMAGE", "IMAGE")], "image/upscaling", "Scales (and centre-crops) as ComfyUI's common_upscale.",
+              display="Upscale Image"),
         _node("PrimitiveInt", {"value": _int(0, -MAX_SEED, MAX_SEED, control_after_generate=True)},
               [("INT", "INT")], "utils/primitive", "", display="Int"),
         _node("PrimitiveFloat", {"value": ["FLOAT", {"min": -1e9, "max": 1e9}]}, [("FLOAT", "FLOAT")],

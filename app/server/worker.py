@@ -198,6 +198,8 @@ class Worker(threading.Thread):
             if cancel.is_set():
                 raise GenerationCancelled("interrupted")
             extra = {"images": scaled, **mask} if scaled else {}
+            if task.controls:
+                extra["controls"] = self._controls(task, fields)
             req = GenerationRequest(**fields, **extra)
 
             def on_step(step: int, total: int, idx=idx) -> None:
@@ -255,8 +257,27 @@ class Worker(threading.Thread):
             if scale is None:
                 out.append(path)
                 continue
-            method, w, h = scale
-            out.append(str(scale_image(Path(path), method, int(w), int(h), self.config.input_dir / ".scaled")))
+            method, w, h, *crop = scale
+            out.append(str(scale_image(Path(path), method, int(w), int(h), self.config.input_dir / ".scaled",
+                                       *crop)))
+        return tuple(out)
+
+    def _controls(self, task: Task, fields: dict) -> tuple:
+        """The task's ControlNet images prepared as ComfyUI prepares them: the graph's ImageScale and Canny, then
+        the ControlNet's own fit to the output size (common_upscale nearest-exact, centre crop), as files."""
+        from app.runtime.controls import Control
+
+        folder = self.config.input_dir / ".controls"
+        out = []
+        for name, path, scale, canny, strength, start, end in task.controls:
+            if scale:
+                method, w, h, *crop = scale
+                path = str(scale_image(Path(path), method, int(w), int(h), folder, *crop))
+            if canny:
+                path = str(canny_file(Path(path), float(canny[0]), float(canny[1]), folder))
+            path = str(scale_image(Path(path), "nearest-exact", int(fields["width"]), int(fields["height"]), folder,
+                                   "center"))
+            out.append(Control(name, path, float(strength), float(start), float(end), preprocess=False))
         return tuple(out)
 
     def _save(self, job: Job, loaded: Loaded, result, path: Path) -> None:
@@ -290,9 +311,10 @@ class Worker(threading.Thread):
         return loaded
 
 
-def scale_image(src: Path, method: str, width: int, height: int, folder: Path) -> Path:
-    """`src` scaled to width x height as ComfyUI's common_upscale does (torch interpolation on [0, 1] pixels;
-    lanczos through PIL), saved as PNG (rounded to 8 bits) under `folder`, named by content and size."""
+def scale_image(src: Path, method: str, width: int, height: int, folder: Path, crop: str = "disabled") -> Path:
+    """`src` scaled to width x height as ComfyUI's common_upscale does (crop "center": first cut to the target's
+    aspect, centred; then torch interpolation on [0, 1] pixels, lanczos through PIL), saved as PNG (rounded to 8
+    bits) under `folder`, named by content, size and crop. The same size with no crop is `src` itself."""
     import hashlib
     import io
 
@@ -304,20 +326,51 @@ def scale_image(src: Path, method: str, width: int, height: int, folder: Path) -
     from app.runtime.references import read_image
 
     img = read_image(src)
-    digest = hashlib.sha256(f"{img.sha256}:{method}:{width}x{height}".encode()).hexdigest()[:24]
+    if img.size == (width, height) and crop == "disabled":
+        return Path(src)
+    digest = hashlib.sha256(f"{img.sha256}:{method}:{width}x{height}:{crop}".encode()).hexdigest()[:24]
     out = folder / f"{Path(src).stem}_{width}x{height}_{digest}.png"
     if out.is_file():
         return out
-    if method == "lanczos":
-        pixels = np.asarray(img.image.resize((width, height), Image.Resampling.LANCZOS))
+    picture = img.image
+    if crop == "center":  # comfy.utils.common_upscale's centre crop to the new aspect
+        ow, oh = picture.size
+        old, new = ow / oh, width / height
+        x0 = round((ow - ow * (new / old)) / 2) if old > new else 0
+        y0 = round((oh - oh * (old / new)) / 2) if old < new else 0
+        picture = picture.crop((x0, y0, ow - x0, oh - y0))
+    if picture.size == (width, height):
+        pixels = np.asarray(picture)
+    elif method == "lanczos":
+        pixels = np.asarray(picture.resize((width, height), Image.Resampling.LANCZOS))
     else:
-        x = torch.from_numpy(np.asarray(img.image).copy()).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)[None].float() / 255
         y = torch.nn.functional.interpolate(x, size=(height, width), mode=method)
         pixels = (y[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def canny_file(src: Path, low: float, high: float, folder: Path) -> Path:
+    """ComfyUI's Canny node on an input image (kornia.filters.canny on [0, 1] pixels, white edges), as a PNG file
+    written once per content and thresholds."""
+    import hashlib
+
+    from app.bundle.files import atomic_write_bytes
+    from app.runtime.controls import canny
+    from app.runtime.references import read_image
+
+    img = read_image(src)
+    digest = hashlib.sha256(f"{img.sha256}:canny:{low!r}:{high!r}".encode()).hexdigest()[:24]
+    out = folder / f"{Path(src).stem}_canny_{digest}.png"
+    if not out.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        canny(img.image, low, high).save(buf, format="PNG")
+        atomic_write_bytes(out, buf.getvalue())
     return out
 
 
