@@ -146,7 +146,7 @@ def test_batch_runs_the_ui_format_template(server, template_bundles, tmp_path):
 
 def _upload(server, path):
     up = requests.post(f"{server.url}/upload/image", files={"image": (path.name, path.read_bytes(), "image/png")},
-                       timeout=30)
+                       data={"overwrite": "true"}, timeout=30)
     assert up.status_code == 200 and up.json()["name"] == path.name
 
 
@@ -224,3 +224,46 @@ def test_templates_edgegen_lacks_are_refused_by_node_name(server, name, node):
     hit = [e for e in errors.values() if e["class_type"] == node]
     assert hit and "not supported" in hit[0]["errors"][0]["message"]
     assert hit[0]["errors"][0]["details"]  # what to use instead, or why not yet
+
+
+def _api(name: str) -> dict:
+    from app.server.nodes import object_info
+    from app.server.workflow import to_api
+
+    return to_api(template(name), object_info([], []))
+
+
+def _node_of(graph: dict, kind: str) -> str:
+    return next(n for n, v in graph.items() if v["class_type"] == kind)
+
+
+@pytest.mark.parametrize("change, kind, needle", [
+    (lambda g: g[_node_of(g, "ControlNetLoader")]["inputs"].update(control_net_name="sd3.5_large_controlnet_depth"),
+     "ControlNetLoader", "its nets: canny, blur"),
+    (lambda g: g[_node_of(g, "KSampler")]["inputs"].update(negative=g[_node_of(g, "ControlNetApplyAdvanced")]
+                                                           ["inputs"]["negative"]),
+     "ControlNetApplyAdvanced", "positive and the negative conditioning alike"),
+    (lambda g: g[_node_of(g, "ControlNetApplyAdvanced")]["inputs"].update(start_percent=0.8, end_percent=0.2),
+     "ControlNetApplyAdvanced", "start_percent 0.8 / end_percent 0.2"),
+    (lambda g: (g[_node_of(g, "CheckpointLoaderSimple")]["inputs"].update(ckpt_name="klein-tpl"),
+                g[_node_of(g, "KSampler")]["inputs"].update(cfg=1.0)),
+     "ControlNetApplyAdvanced", "ControlNet is SD3.5's"),
+])
+def test_controlnet_graphs_edgegen_cannot_run_are_refused_on_their_node(server, change, kind, needle, tmp_path):
+    src = tmp_path / "sd3.5_large_blur_input_image.png"
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(src)
+    _upload(server, src)
+    g = _api("sd3.5_large_blur")
+    change(g)
+    r = requests.post(f"{server.url}/prompt", json={"prompt": g}, timeout=60)
+    assert r.status_code == 400, r.text
+    hit = [e for e in r.json()["node_errors"].values() if e["class_type"] == kind]
+    text = " ".join(x["message"] + " " + x["details"] for e in hit for x in e["errors"])
+    assert needle in text, r.json()["node_errors"]
+
+
+def test_object_info_and_models_list_the_controlnets(server):
+    info = requests.get(f"{server.url}/object_info/ControlNetLoader", timeout=30).json()["ControlNetLoader"]
+    names = info["input"]["required"]["control_net_name"][0]
+    assert {"canny", "blur", "sd3.5_large_controlnet_canny.safetensors"} <= set(names)
+    assert set(requests.get(f"{server.url}/models/controlnet", timeout=30).json()) == {"canny", "blur"}
