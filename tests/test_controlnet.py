@@ -204,3 +204,27 @@ def test_controlnet_request_survives_json(controlnet_bundle):
     req = GenerationRequest(prompt="x", controls=(Control("canny", "/a.png", 0.5, 0.1, 0.9, False),))
     back = GenerationRequest(**json.loads(json.dumps(dataclasses.asdict(req))))
     assert back.controls == req.controls and isinstance(back.controls[0], Control)
+
+
+def test_plan_counts_the_nets_in_the_transformers_stage(controlnet_bundle, capsys):
+    """plan --bundle lists each net with its weights and activations; staged, they load with the transformer."""
+    from dataclasses import replace
+
+    from app.bundle.manifest import load_bundle
+    from app.planning.components import bundle_plan
+    from app.planning.gpus import parse_gpu_option
+
+    b = load_bundle(controlnet_bundle[1], verify=False)
+    gpu = parse_gpu_option("sm89:24")
+    plan = bundle_plan(b, gpu, 160, 160)
+    kinds = {c.name: c.kind for c in plan.components}
+    assert {kinds[f"controlnet_{n}"] for n in ("canny", "depth", "instantx")} == {"controlnet"}
+    nets = [c for c in plan.components if c.kind == "controlnet"]
+    assert all(c.weights_bytes > 0 and c.activation_bytes > 0 and c.profile["batch"][0] == 2 for c in nets)
+    tiny = bundle_plan(b, replace(gpu, vram_bytes=int(1.0 * 2**30), free_bytes=None), 160, 160)
+    stage = {c.name: c.stage for c in tiny.components}
+    assert tiny.strategy in ("staged", "does-not-fit")
+    assert stage["controlnet_canny"] == stage["transformer"] != stage["vae_decoder"]
+    assert main(["plan", "--bundle", str(controlnet_bundle[1]), "--gpu", "sm89:24", "--width", "160",
+                 "--height", "160"]) == 0
+    assert "controlnet_instantx" in capsys.readouterr().out

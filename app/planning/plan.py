@@ -21,11 +21,14 @@ from app.planning.policy import (
     precision_supported,
 )
 
-Kind = Literal["text_encoder", "vae_encoder", "transformer", "vae_decoder"]
+Kind = Literal["text_encoder", "vae_encoder", "controlnet", "transformer", "vae_decoder"]
 
 
 # Pipeline order, which is also the low-VRAM stage order (Pipeline.execute releases each before the next).
-KINDS: tuple[str, ...] = ("text_encoder", "vae_encoder", "transformer", "vae_decoder")
+KINDS: tuple[str, ...] = ("text_encoder", "vae_encoder", "controlnet", "transformer", "vae_decoder")
+# The low-VRAM stages: SD3.5 ControlNets run beside the transformer at every step, so they share its stage.
+STAGES: tuple[tuple[str, ...], ...] = (("text_encoder",), ("vae_encoder",), ("controlnet", "transformer"),
+                                       ("vae_decoder",))
 
 
 @dataclass(frozen=True, kw_only=True)  # keywords only: param_count vs fp32_bytes must never be confused
@@ -138,7 +141,7 @@ def _profile(kind: str, width: int, height: int, batch: int, cfg: bool) -> dict[
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, TensorRT runtime
 
 
-DEFAULT_HIDDEN = {"text_encoder": 2560, "transformer": 3072, "vae_decoder": 0, "vae_encoder": 0}
+DEFAULT_HIDDEN = {"text_encoder": 2560, "transformer": 3072, "controlnet": 3072, "vae_decoder": 0, "vae_encoder": 0}
 
 
 def estimate_activation_bytes(c: ComponentInfo, precision: str, width: int, height: int, batch: int,
@@ -151,6 +154,9 @@ def estimate_activation_bytes(c: ComponentInfo, precision: str, width: int, heig
     if c.kind == "transformer":
         tokens = (width // 16) * (height // 16) + reference_pixels // 256 + c.text_tokens  # 8x VAE, 2x2 patches
         return batch * tokens * hidden * act_bytes * 24 + int(0.5 * GIB)  # QKV, MLP 4x, attention tiles
+    if c.kind == "controlnet":  # its blocks' activations, plus the residual stack it hands the transformer
+        tokens = (width // 16) * (height // 16) + c.text_tokens
+        return batch * tokens * hidden * act_bytes * 24 + batch * tokens * hidden * 4 * 24 + int(0.25 * GIB)
     if c.kind == "text_encoder":
         return batch * c.text_tokens * hidden * act_bytes * 16 + int(0.25 * GIB)
     # VAE decoder: full-resolution feature maps of ~128 channels dominate, several alive at once.
@@ -248,7 +254,7 @@ def _stage(plan: Plan) -> Plan:
     if total <= usable:
         plan.peak_bytes = total
         return plan
-    groups = [[c for c in comps if c.kind == kind] for kind in KINDS]
+    groups = [[c for c in comps if c.kind in kinds] for kinds in STAGES]
     groups = [g for g in groups if g]
     plan.strategy = "staged"
     peaks = []

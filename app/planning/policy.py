@@ -72,5 +72,7 @@ def choose_precision(kind: str, sm: str | int | None) -> str:
         if s >= FP8_MIN_SM:
             return "fp8"
         return "bf16" if s >= BF16_MIN_SM else "fp16"
+    if kind == "controlnet":  # never FP8: export keeps the nets BF16 beside an FP8 transformer
+        return "bf16" if s >= BF16_MIN_SM else "fp16"
     return "bf16" if s >= BF16_MIN_SM else "fp32"
 

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.ui.collapsible import Collapsible
+from app.ui.controls import ControlPanel
 from app.ui.loras import LoraPicker
 from app.ui.references import ReferenceStrip
 from app.ui.sizes import presets, size_error
@@ -49,6 +50,7 @@ class FormValues:
     strength: float | None = None  # SD3.5 image-to-image, FLUX.2 Klein inpainting
     mask: str | None = None  # FLUX.2 Klein inpainting: the painted mask of the first image
     loras: tuple[tuple[str, float], ...] = ()  # run-time LoRAs from the library: (name, strength)
+    controls: tuple = ()  # SD3.5 ControlNet: app.runtime.controls.Control each (the app sets one)
 
 
 class GenerationForm(QWidget):
@@ -74,6 +76,7 @@ class GenerationForm(QWidget):
         self.negative_label = QLabel("Negative prompt")
         self.references = ReferenceStrip()
         self.loras = LoraPicker()
+        self.controls = ControlPanel()
 
         self.random_seed = QCheckBox("Random", checked=True, objectName="randomSeed")
         self.seed = QLineEdit(objectName="seed", placeholderText="seed")
@@ -136,6 +139,7 @@ class GenerationForm(QWidget):
         lay.addWidget(self.negative)
         lay.addWidget(self.references)
         lay.addWidget(self.loras)
+        lay.addWidget(self.controls)
         lay.addLayout(form)
         lay.addWidget(self.advanced)
         lay.addWidget(self.error)
@@ -146,6 +150,7 @@ class GenerationForm(QWidget):
         self.reset_defaults.clicked.connect(self.apply_defaults)
         self.references.changed.connect(self._references_changed)
         self.loras.changed.connect(self._changed)
+        self.controls.changed.connect(self._changed)
         self._first_reference: str | None = None
         for sig in (self.prompt.textChanged, self.negative.textChanged, self.random_seed.toggled,
                     self.seed.textChanged, self.steps.valueChanged, self.guidance.valueChanged,
@@ -160,6 +165,7 @@ class GenerationForm(QWidget):
         the reference strip takes as many images as the bundle allows (none without its VAE encoder); the LoRA
         picker shows the library's LoRAs for a run-time LoRA bundle (`manifest`)."""
         self.loras.set_model(manifest)
+        self.controls.set_model(manifest)
         self.defaults, self.size_range = dict(defaults), dict(size_range)
         self.pipeline = dict(pipeline or {})
         self.references.set_model(family, int(self.pipeline.get("max_images", 0)), encoder_hint)
@@ -222,6 +228,7 @@ class GenerationForm(QWidget):
             backend=self.backend.currentText(), images=tuple(str(p) for p in self.references.paths()),
             strength=self.references.strength_value(), loras=self.loras.values(),
             mask=str(self.references.mask_path) if self.references.mask_path else None,
+            controls=self.controls.values(),
         )
 
     def seeds(self) -> list[int]:
@@ -237,7 +244,7 @@ class GenerationForm(QWidget):
             return "Type a prompt first."
         if v.seed is not None and v.seed + v.count - 1 > MAX_SEED:
             return f"The seed must be at most {MAX_SEED - v.count + 1}."
-        return self.loras.problem() or size_error(v.width, v.height, self.size_range)
+        return self.loras.problem() or self.controls.problem() or size_error(v.width, v.height, self.size_range)
 
     def apply_meta(self, meta: dict, near: Path | None = None) -> list[str]:
         """Reuse an image's parameters: prompt, negative prompt, seed (fixed), steps, guidance, size, the LoRAs at
@@ -260,10 +267,16 @@ class GenerationForm(QWidget):
         self.references.set_mask(masks[0] if masks and found else None)
         if meta.get("strength") is not None:
             self.references.set_strength(float(meta["strength"]))
+        controls = meta.get("controls") or []
+        found_controls, missing_controls = find_inputs(controls[:1], near)  # the app holds one control
+        self.controls.set_image(found_controls[0] if found_controls else None)
+        if found_controls:
+            c = controls[0]
+            self.controls.set_choice(c["controlnet"], c["scale"], c["start"], c["end"], c["preprocessed"])
         if "width" in meta and "height" in meta:
             self.set_size(int(meta["width"]), int(meta["height"]))
         self.count.setValue(1)
-        return missing + missing_mask + self.loras.apply(meta.get("loras") or [])
+        return missing + missing_mask + missing_controls + self.loras.apply(meta.get("loras") or [])
 
     def _references_changed(self) -> None:
         """A new first Klein reference sets the size, as the CLI defaults it (diffusers' preprocessing)."""

@@ -287,7 +287,7 @@ class MainWindow(QMainWindow):
                     request=GenerationRequest(prompt=v.prompt, negative_prompt=v.negative_prompt, seed=seed,
                                               steps=v.steps, guidance=v.guidance, width=v.width, height=v.height,
                                               images=v.images, strength=v.strength, loras=v.loras,
-                                              mask=v.mask))
+                                              mask=v.mask, controls=v.controls))
                 for seed in self.form.seeds()]
         self.queue.enqueue(jobs)
         return jobs

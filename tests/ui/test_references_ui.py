@@ -247,3 +247,40 @@ def test_inpainting_mask_painted_in_the_app_matches_diffusers(rwindow, qtbot, tm
     strip.set_paths([make_image(tmp_path / "other.png", 64, 64, seed=13)])  # the mask was painted on photo.png
     assert strip.mask_path is None and not strip.unmask_button.isVisibleTo(rwindow)
     strip.clear()
+
+
+def test_controlnet_panel_generates_as_diffusers_and_reuse_restores_it(rwindow, qtbot, tmp_path, controlnet_bundle):
+    """The ControlNet panel shows only for a bundle with nets; the app's image is StableDiffusion3ControlNetPipeline's
+    (the image taken as the net's map); reusing the gallery entry restores the net, image and numbers."""
+    from tests.test_controlnet import NEGATIVE, PROMPT, diffusers_controlnet
+
+    root, bundle = controlnet_bundle
+    panel = rwindow.form.controls
+    assert not panel.isVisibleTo(rwindow)  # the Klein bundle has no nets
+    _select(rwindow, bundle)
+    assert panel.isVisibleTo(rwindow) and panel.net.count() == 3 and panel.values() == ()
+    img = make_image(tmp_path / "control.png", 70, 50, seed=48)
+    panel.set_image(img)
+    assert not panel.thumb.pixmap().isNull()  # the map the net sees
+    panel.net.setCurrentIndex(panel.net.findData("instantx"))
+    panel.scale.setValue(0.8)
+    panel.end.setValue(0.75)
+    panel.as_is.setChecked(True)
+    form = rwindow.form
+    form.set_size(64, 48)
+    form.negative.setPlainText(NEGATIVE)
+    form.guidance.setValue(4.0)
+    entry = _generate(rwindow, qtbot, seed=9, steps=4, prompt=PROMPT)
+    assert entry.meta["controls"][0]["controlnet"] == "instantx" and entry.meta["controls"][0]["end"] == 0.75
+    ours = np.asarray(Image.open(entry.path).convert("RGB"))
+    ref = diffusers_controlnet(root, ["instantx"], [img], [0.8], [0.0], [0.75], 9, 4, 4.0, 64, 48)
+    assert psnr(ours, ref) >= 60
+    panel.set_image(None)
+    panel.scale.setValue(1.0)
+    rwindow.reuse_entry(entry)
+    assert panel.values() == form.values().controls and panel.values()[0].scale == 0.8
+    assert panel.values()[0].image == str(img.absolute()) and panel.values()[0].preprocess is False
+    panel.start.setValue(0.9)
+    panel.end.setValue(0.5)
+    assert "start must be before" in form.problem()
+    panel.set_image(None)

@@ -265,8 +265,8 @@ class Pipeline:
         timings["denoise"] = time.perf_counter() - t1
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("generation cancelled")
-        if self.low_vram:
-            self.release(("transformer",))
+        if self.low_vram:  # the transformer's stage: with it the ControlNets (app/planning/plan.py STAGES)
+            self.release(("transformer", *(c for c in self.bundle.components() if c.startswith("controlnet_"))))
         t2 = time.perf_counter()
         image = self.decode(latents, req, state)
         if self.low_vram:
