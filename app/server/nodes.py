@@ -185,6 +185,8 @@ def object_info(bundles: list[str], loras: list[str], images: list[str] = (), al
                              "crop": [["disabled", "center"]]},
               [("IMAGE", "IMAGE")], "image/upscaling", "Scales (and centre-crops) as ComfyUI's common_upscale.",
               display="Upscale Image"),
+        _node("PreviewImage", {"images": ["IMAGE"]}, [], "image", "Accepted and not drawn: edgegen returns the "
+              "images SaveImage saves (a history message says so).", output_node=True, display="Preview Image"),
         _node("PrimitiveInt", {"value": _int(0, -MAX_SEED, MAX_SEED, control_after_generate=True)},
               [("INT", "INT")], "utils/primitive", "", display="Int"),
         _node("PrimitiveFloat", {"value": ["FLOAT", {"min": -1e9, "max": 1e9}]}, [("FLOAT", "FLOAT")],
