@@ -163,10 +163,12 @@ def test_bad_controls_are_one_line(controlnet_bundle, tmp_path, capsys, argv, ne
     assert needle in err
 
 
-def test_control_on_a_bundle_without_nets(sd3_bundle, tmp_path, capsys):
+def test_control_on_a_bundle_without_nets(sd3_bundle, klein_bundle, tmp_path, capsys):
     img = make_image(tmp_path / "c.png", 64, 48, seed=47)
     err = _bad(capsys, "--bundle", str(sd3_bundle), "--out", str(tmp_path / "o.png"), "--control", f"canny:{img}")
     assert "no ControlNets; re-export it with --controlnet NAME=DIR" in err
+    err = _bad(capsys, "--bundle", str(klein_bundle), "--out", str(tmp_path / "o.png"), "--control", f"canny:{img}")
+    assert "FLUX.2 Klein takes reference images" in err
 
 
 def test_export_refuses_nets_that_do_not_fit(controlnet_bundle, sd3_model, klein_model, tmp_path, capsys):
