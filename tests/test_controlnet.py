@@ -13,6 +13,7 @@ from PIL import Image
 
 from app.cli import main
 from app.runtime.images import psnr, read_metadata
+from app.runtime.pipelines import GenerationRequest
 from tests.test_references import _bad, _generate, make_image
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "green"
@@ -230,3 +231,43 @@ def test_plan_counts_the_nets_in_the_transformers_stage(controlnet_bundle, capsy
     assert main(["plan", "--bundle", str(controlnet_bundle[1]), "--gpu", "sm89:24", "--width", "160",
                  "--height", "160"]) == 0
     assert "controlnet_instantx" in capsys.readouterr().out
+
+
+# The fake-CUDA check lives here, not in tests/test_device_pipeline.py, so it runs on the worker that made the
+# ControlNet bundle instead of idling on the other one until the export is done.
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+@pytest.mark.parametrize("cfg", [True, False])
+def test_controlnets_run_on_the_device_and_every_move_is_needed(controlnet_bundle, tmp_path, cfg, monkeypatch):
+    """Two nets on fake CUDA: each control image encoded once per CFG half, every net run only inside its window
+    on the device, their scaled sum fed to the transformer; with low VRAM the nets leave with the transformer;
+    skipping any host-to-device move (each control image and posterior noise) fails."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from app.runtime.controls import Control
+    from app.runtime.pipelines import make_pipeline
+    from tests._standin_engine import FAKE_CUDA, StandInEngineBackend
+    from tests.test_device_pipeline import _bundle, _run_fake, mutate_every_move
+
+    bundle = _bundle(controlnet_bundle[1])
+    img = str(make_image(tmp_path / "c.png", 40, 32, seed=3))
+    req = GenerationRequest(prompt="a red circle", seed=5, steps=4, guidance=(4.0 if cfg else 1.0), width=40,
+                            height=32, controls=(Control("canny", img, 0.7, 0.0, 1.0, False),
+                                                 Control("instantx", img, 1.2, 0.0, 0.5, True)))
+    backend = StandInEngineBackend(bundle)
+    order = []
+    run, release = backend.run, backend.release
+    backend.run = lambda c, i: (order.append(("run", c)), run(c, i))[1]
+    backend.release = lambda c: (order.append(("release", c)), release(c))[1]
+    image, job = _run_fake(make_pipeline(bundle, backend, low_vram=True), req)
+    assert isinstance(image, FakeTensor) and image.device == FAKE_CUDA and tuple(image.shape) == (1, 3, 32, 40)
+    ctx, b = backend.contexts, (2 if cfg else 1)
+    assert ctx["vae_encoder"].executions == 2 * b  # two controls, each CFG half on its own
+    assert ctx["controlnet_canny"].executions == 4 and ctx["controlnet_instantx"].executions == 2  # its window
+    assert ctx["transformer"].shapes["controlnet_residuals"] == (3, b, (32 // 4) * (40 // 4), 24)
+    assert ctx["controlnet_canny"].shapes["controlnet_cond"] == (b, 8, 16, 20)
+    assert order.index(("release", "controlnet_canny")) > order.index(("run", "transformer"))
+    assert order.index(("release", "controlnet_canny")) < order.index(("run", "vae_decoder"))
+    if cfg:
+        monkeypatch.setattr(backend, "run", run)
+        moved = mutate_every_move(bundle, req, monkeypatch)
+        assert sum(sh == (1, 3, 32, 40) for sh in moved) == 2 * b  # each control image, per CFG half
