@@ -263,26 +263,14 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
                                                         precision=p if p in HALF else "fp32",
                                                         runtime_lora=opts.runtime_lora)
             lora_records = records or lora_records
-            f = components[spec.name]["fidelity"]
-            components[spec.name]["fidelity_gate"] = gate(spec.name, "fp32", f["cosine"], f["max_rel_err"],
-                                                          opts.accept_low_fidelity)
-            if p in HALF:
-                h = components[spec.name][f"fidelity_{p}"]
-                components[spec.name][f"{p}_fidelity_gate"] = gate(spec.name, p, h["cosine"], h["max_rel_err"],
-                                                                   opts.accept_low_fidelity)
+            _gate(components[spec.name], spec.name, p, opts.accept_low_fidelity)
         for name, record in nets.items():
             spec = controlnet_spec(name, record)
             p = controlnet_precision(opts.precision)
             components[spec.name], _ = export_one(folder, spec, w.tmp / spec.name, (), progress,
                                                   precision=p if p in HALF else "fp32", controlnet=record)
             precisions[spec.name] = p
-            f = components[spec.name]["fidelity"]
-            components[spec.name]["fidelity_gate"] = gate(spec.name, "fp32", f["cosine"], f["max_rel_err"],
-                                                          opts.accept_low_fidelity)
-            if p in HALF:
-                h = components[spec.name][f"fidelity_{p}"]
-                components[spec.name][f"{p}_fidelity_gate"] = gate(spec.name, p, h["cosine"], h["max_rel_err"],
-                                                                   opts.accept_low_fidelity)
+            _gate(components[spec.name], spec.name, p, opts.accept_low_fidelity)
         for name in fam.tokenizers + ("scheduler",):
             if folder.present(name):
                 shutil.copytree(folder.path / name, w.tmp / name)
@@ -336,6 +324,17 @@ def export_bundle(opts: ExportOptions, progress: Progress = print) -> Path:
             progress(f"warning: kept {', '.join(sorted(overridden))} below the fidelity thresholds "
                      "(--accept-low-fidelity); the manifest records it")
         return w.commit(manifest)
+
+
+def _gate(entry: dict, name: str, precision: str, accept_low_fidelity: bool) -> None:
+    """The fidelity gates of one exported component: its FP32 check, and its half-precision one where it is half."""
+    from export.bf16_policy import HALF
+
+    f = entry["fidelity"]
+    entry["fidelity_gate"] = gate(name, "fp32", f["cosine"], f["max_rel_err"], accept_low_fidelity)
+    if precision in HALF:
+        h = entry[f"fidelity_{precision}"]
+        entry[f"{precision}_fidelity_gate"] = gate(name, precision, h["cosine"], h["max_rel_err"], accept_low_fidelity)
 
 
 def cpu_runnable(manifest: dict) -> dict:

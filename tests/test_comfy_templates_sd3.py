@@ -58,6 +58,17 @@ def _comfy_upscale(img: Image.Image, width: int, height: int, mode: str) -> Imag
     return Image.fromarray((y[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
 
 
+def _generate_as_template(bundle, wf, control, out):
+    """`edgegen generate` with the template's own prompt, seed, steps, cfg and ControlNet numbers, the control image
+    already prepared (--control-as-is) and the ConditioningZeroOut negative (--zero-negative)."""
+    k, apply = inner(wf, "KSampler"), inner(wf, "ControlNetApplyAdvanced")
+    prompt = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
+    return generate(bundle, out, "--prompt", prompt, "--seed", str(k["seed"]), "--steps", str(k["steps"]),
+                    "--guidance", str(k["cfg"]), "--width", "1024", "--height", "1024", "--zero-negative",
+                    "--control-as-is", "--control",
+                    f"canny:{control}:{apply['strength']}:{apply['start_percent']}:{apply['end_percent']}")
+
+
 def test_sd35_canny_controlnet_template_equals_generate(server, template_sd3, tmp_path):
     """ComfyUI's SD3.5 Large canny template, unchanged: LoadImage -> ImageScale (bilinear, centre crop) -> Canny
     (0.3 / 0.6) -> ControlNetApplyAdvanced (0.66) on CLIPTextEncode and its ConditioningZeroOut -> KSampler."""
@@ -71,18 +82,12 @@ def test_sd35_canny_controlnet_template_equals_generate(server, template_sd3, tm
     entry, served = run(server, wf)
     assert served.shape == (1024, 1024, 3)
     assert any("PreviewImage" in m[1].get("message", "") for m in entry["status"]["messages"])
-    k, apply = inner(wf, "KSampler"), inner(wf, "ControlNetApplyAdvanced")
     c = inner(wf, "Canny")
     scaled = _comfy_upscale(Image.open(src), 1024, 1024, "bilinear")
     x = torch.from_numpy(np.asarray(scaled, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     edges = (canny(x, c["low_threshold"], c["high_threshold"])[1][0, 0] * 255).round().byte().numpy()
     Image.fromarray(edges).convert("RGB").save(tmp_path / "edges.png")
-    prompt = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
-    cli = generate(template_sd3, tmp_path / "canny.png", "--prompt", prompt, "--seed", str(k["seed"]),
-                   "--steps", str(k["steps"]), "--guidance", str(k["cfg"]), "--width", "1024", "--height", "1024",
-                   "--zero-negative", "--control-as-is", "--control",
-                   f"canny:{tmp_path / 'edges.png'}:{apply['strength']}:{apply['start_percent']}:{apply['end_percent']}")
-    assert np.array_equal(served, cli)
+    assert np.array_equal(served, _generate_as_template(template_sd3, wf, tmp_path / "edges.png", tmp_path / "c.png"))
 
 
 def test_sd35_blur_controlnet_template_equals_generate(server, template_sd3, tmp_path):
@@ -97,14 +102,8 @@ def test_sd35_blur_controlnet_template_equals_generate(server, template_sd3, tmp
     assert sampler["widgets_values"][2] == 30
     sampler["widgets_values"][2] = 4
     _, served = run(server, wf)
-    k, apply = inner(wf, "KSampler"), inner(wf, "ControlNetApplyAdvanced")
     _comfy_upscale(Image.open(src), 1024, 1024, "nearest-exact").save(tmp_path / "fit.png")
-    prompt = next(n for n in wf["nodes"] if n["type"] == "CLIPTextEncode")["widgets_values"][0]
-    cli = generate(template_sd3, tmp_path / "blur.png", "--prompt", prompt, "--seed", str(k["seed"]),
-                   "--steps", str(k["steps"]), "--guidance", str(k["cfg"]), "--width", "1024", "--height", "1024",
-                   "--zero-negative", "--control-as-is", "--control",
-                   f"canny:{tmp_path / 'fit.png'}:{apply['strength']}:{apply['start_percent']}:{apply['end_percent']}")
-    assert np.array_equal(served, cli)
+    assert np.array_equal(served, _generate_as_template(template_sd3, wf, tmp_path / "fit.png", tmp_path / "b.png"))
 
 
 def _api(name: str) -> dict:
